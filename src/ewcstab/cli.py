@@ -1,0 +1,120 @@
+"""Command line: ``ewcstab run`` trains one continual-learning run and writes its record.
+
+Further subcommands (benchmark, search, aggregation, pruning) are listed in ``extra_commands``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from ewcstab.config import ARCHS, METHODS, OPTIMIZERS, SEQUENCES, VARIANTS, ConfigError, RunConfig
+
+#: CLI flag -> RunConfig field, for the overrides ``run`` accepts.
+RUN_OVERRIDES = {
+    "arch": "arch", "method": "method", "variant": "variant", "lam": "lam", "seed": "seed",
+    "sequence": "sequence", "tasks": "n_tasks", "epochs": "epochs", "batch_size": "batch_size",
+    "lr": "lr", "optimizer": "optimizer", "clip_norm": "clip_norm",
+    "importance_samples": "importance_samples", "train_subset": "train_subset",
+    "test_subset": "test_subset", "perm_seed": "perm_seed", "device": "device", "data_root": "data_root",
+}
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that trains: each overrides the same key of --config."""
+    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of run settings (keys as in RunConfig); flags override it")
+    p.add_argument("--arch", help=f"architecture: {', '.join(ARCHS)} (default mlp)")
+    p.add_argument("--method", help=f"importance: {', '.join(METHODS)} (default fisher)")
+    p.add_argument("--variant", help=f"penalty form: {', '.join(VARIANTS)} (default original)")
+    p.add_argument("--lam", type=float, help="penalty strength lambda >= 0 (default 0: no consolidation)")
+    p.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
+    p.add_argument("--sequence", help=f"task sequence: {', '.join(SEQUENCES)} (default: the paper's for the arch)")
+    p.add_argument("--tasks", type=int, help="use only the first N tasks of the sequence")
+    p.add_argument("--epochs", type=int, help="epochs per task (paper: 6)")
+    p.add_argument("--batch-size", type=int, help="training batch (paper: 100)")
+    p.add_argument("--lr", type=float, help="learning rate (paper: 1e-3)")
+    p.add_argument("--optimizer", help=f"{', '.join(OPTIMIZERS)} (paper: adam)")
+    p.add_argument("--clip-norm", type=float, help="max gradient norm of the clipped variant (default 1.0)")
+    p.add_argument("--importance-samples", type=int, help="last N training samples for importances (paper: 5000)")
+    p.add_argument("--train-subset", type=int, help="train on the first N training samples of each task (quick runs)")
+    p.add_argument("--test-subset", type=int, help="evaluate on the first N test samples of each task (quick runs)")
+    p.add_argument("--perm-seed", type=int, help="seed of the permuted-MNIST permutations (default 0)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--data-root", help="torchvision data folder (default: $EWCSTAB_DATA, else ./data)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    base = RunConfig.from_file(args.config) if args.config else RunConfig()
+    changes = {field: getattr(args, flag) for flag, field in RUN_OVERRIDES.items() if getattr(args, flag) is not None}
+    return base.replace(**changes)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ewcstab.io import write_json_atomic
+    from ewcstab.train import execute
+
+    cfg = config_from_args(args)
+    rec = execute(cfg, progress=not args.no_progress)
+    write_json_atomic(args.out, rec)
+    if rec["diverged"]:
+        logging.warning("diverged at %s; recorded in %s", rec["diverged_at"], args.out)
+    else:
+        logging.info("mean accuracy after %d tasks: %.4f -> %s", len(rec["tasks"]), rec["final_mean_acc"], args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ewcstab",
+        description="Stabilized EWC (Kutalev & Lapina, arXiv:2109.10021): continual-learning runs, "
+        "lambda search, pruning by weight importance.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="train one continual-learning run and write its JSON record",
+        description="Train one run of the paper's protocol and write one JSON record "
+        "(accuracy matrix, divergence, timings, provenance). Example: "
+        "ewcstab run --arch mlp --method mas --variant original --lam 4.5 --seed 0 --out run.json",
+    )
+    add_run_arguments(run)
+    run.add_argument("--out", required=True, metavar="FILE", help="where to write the run record (JSON, atomic)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    for register in extra_commands():
+        register(sub)
+    return parser
+
+
+def extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Functions that add further subcommands; each takes the subparsers object."""
+    from ewcstab import benchmark
+
+    return [benchmark.register]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        parser.exit(2, f"ewcstab: invalid configuration: {err}\n")
+    except Exception as err:  # data missing and the like: one clear line, not a traceback
+        from ewcstab.data import DataUnavailableError
+
+        if isinstance(err, DataUnavailableError):
+            parser.exit(2, f"ewcstab: {err}\n")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The continual-learning runner: the protocol loop of PROTOCOL.md.
+
+For each task t = 1..T:
+  train ``epochs`` epochs (Adam created once per run, state kept across tasks),
+  loss = cross-entropy + EWC penalty (its gradient added directly, see penalty.py);
+  evaluate on the test sets of tasks 1..t;
+  if t < T: Omega += importance on the last ``importance_samples`` training samples
+  (model in eval mode), anchor theta* = current parameters.
+
+A run whose loss becomes NaN/inf stops and is reported as diverged, with the task,
+epoch and step; its later accuracies are null, never numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from ewcstab.config import RunConfig
+from ewcstab.data import build_tasks, data_checksums, datasets_of, resolve_data_root
+from ewcstab.device import resolve_device, synchronize
+from ewcstab.importance import build_importance
+from ewcstab.interfaces import Importance, ParamDict, Task
+from ewcstab.metrics import accuracy
+from ewcstab.models import build_model
+from ewcstab.penalty import QuadraticPenalty, build_penalty
+from ewcstab import provenance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Divergence:
+    task: int  # 1-based
+    epoch: int  # 1-based
+    step: int  # 1-based optimizer step within the task
+    reason: str
+
+
+@dataclass
+class RunOutcome:
+    acc_matrix: list[list[float]] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    importance_seconds: list[float] = field(default_factory=list)
+    divergence: Divergence | None = None
+
+
+def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        except (RuntimeError, TypeError):  # fused unsupported on this device/build
+            return torch.optim.Adam(params, lr=lr, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, foreach=True)
+    raise ValueError(f"optimizer: {name!r} is not allowed; allowed: adam, sgd")
+
+
+def importance_options(cfg: RunConfig) -> dict[str, object]:
+    return {"fisher": {"label": cfg.fisher_label}, "si": {"xi": cfg.si_xi}}.get(cfg.method, {})
+
+
+def train_task(
+    model: nn.Module,
+    task: Task,
+    task_index: int,
+    cfg: RunConfig,
+    optimizer: torch.optim.Optimizer,
+    penalty: QuadraticPenalty,
+    importance: Importance,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> Divergence | None:
+    """Train one task; returns the divergence, or None if every loss stayed finite."""
+    params = [p for p in model.parameters()]
+    grads = [p.grad for p in params]
+    n = task.train_x.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    check = cfg.divergence_check_every
+    losses = torch.zeros(check, device=task.train_x.device)  # device-side buffer: no sync per step
+    model.train()
+    importance.begin_task(model)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch, desc=f"task {task_index}", unit="step",
+        disable=not progress, mininterval=1.0, leave=False,
+    )
+    step = 0
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(n, generator=generator).to(task.train_x.device)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            loss = F.cross_entropy(model(task.train_x[idx]), task.train_y[idx])
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            penalty.add_grad_(params, grads)
+            importance.before_step(params, grads)
+            penalty.clip_(params)
+            optimizer.step()
+            importance.after_step(params)
+            losses[step % check] = loss.detach()
+            step += 1
+            if step % check == 0 or step == cfg.epochs * steps_per_epoch:
+                bar.update(step - bar.n)
+                filled = (step - 1) % check + 1
+                finite = torch.isfinite(losses[:filled])
+                if not bool(finite.all()):
+                    first = step - filled + int((~finite).nonzero()[0]) + 1
+                    bar.close()
+                    return Divergence(task_index, (first - 1) // steps_per_epoch + 1, first, "non-finite loss")
+    bar.close()
+    return None
+
+
+def _nonfinite(tensors: ParamDict) -> bool:
+    return not all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
+def run_sequence(cfg: RunConfig, tasks: list[Task], device: torch.device, progress: bool = False) -> RunOutcome:
+    """Train one continual-learning run over ``tasks`` with config ``cfg``."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch).to(device)
+    params = list(model.parameters())
+    for p in params:  # allocate grads once: foreach kernels then always see the same tensors
+        p.grad = torch.zeros_like(p)
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
+    penalty = build_penalty(cfg.variant, cfg.lam, cfg.resolved_alpha, cfg.clip_norm)
+    importance = build_importance(cfg.method, **importance_options(cfg))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    omega: ParamDict = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+
+    outcome = RunOutcome()
+    for t, task in enumerate(tasks, start=1):
+        synchronize(device)
+        start = time.perf_counter()
+        divergence = train_task(model, task, t, cfg, optimizer, penalty, importance, generator, progress)
+        synchronize(device)
+        outcome.train_seconds.append(time.perf_counter() - start)
+        if divergence is None and _nonfinite(dict(model.named_parameters())):
+            divergence = Divergence(t, cfg.epochs, -1, "non-finite parameters")
+        if divergence is not None:
+            outcome.divergence = divergence
+            log.warning("run diverged: %s", divergence)
+            break
+        outcome.acc_matrix.append([accuracy(model, s.test_x, s.test_y, cfg.eval_batch_size) for s in tasks[:t]])
+        log.info("after task %d: mean accuracy %.4f", t, sum(outcome.acc_matrix[-1]) / t)
+        if t == len(tasks):
+            break
+        start = time.perf_counter()
+        task_omega = importance.end_task(model, task.train_x[-cfg.importance_samples :], task.train_y[-cfg.importance_samples :])
+        synchronize(device)
+        outcome.importance_seconds.append(time.perf_counter() - start)
+        if _nonfinite(task_omega):
+            outcome.divergence = Divergence(t, cfg.epochs, -1, "non-finite importance")
+            break
+        for k in omega:
+            omega[k] += task_omega[k]
+        penalty.consolidate({k: p.detach() for k, p in model.named_parameters()}, omega)
+    return outcome
+
+
+def execute(cfg: RunConfig, progress: bool = False) -> dict[str, object]:
+    """Load the data, run, and return the run record (see ``record``)."""
+    cfg.validate()
+    resolved = cfg.resolved()
+    device = resolve_device(cfg.device)
+    root = resolve_data_root(cfg.data_root)
+    tasks = build_tasks(
+        resolved.sequence, resolved.n_tasks, cfg.perm_seed, root, device,
+        cfg.train_subset, cfg.test_subset, cfg.download,
+    )
+    wall = time.perf_counter()
+    outcome = run_sequence(cfg, tasks, device, progress)
+    wall = time.perf_counter() - wall
+    checksums = data_checksums(datasets_of(resolved.sequence, resolved.n_tasks), root)
+    return record(resolved, [t.name for t in tasks], outcome, wall, provenance.collect(device, checksums, str(root)))
+
+
+def record(
+    cfg: RunConfig, task_names: list[str], outcome: RunOutcome, wall_seconds: float, prov: dict[str, object]
+) -> dict[str, object]:
+    """The run record: one JSON object per run (see README, 'Run records')."""
+    n_tasks = len(task_names)
+    means: list[float | None] = [sum(row) / len(row) for row in outcome.acc_matrix]
+    means += [None] * (n_tasks - len(means))
+    div = outcome.divergence
+    return {
+        "schema": "ewcstab.run/1",
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "tasks": task_names,
+        "acc_matrix": outcome.acc_matrix,
+        "mean_acc_after_task": means,
+        "final_mean_acc": means[-1],
+        "diverged": div is not None,
+        "diverged_at": None if div is None else {"task": div.task, "epoch": div.epoch, "step": div.step, "reason": div.reason},
+        "train_seconds": outcome.train_seconds,
+        "importance_seconds": outcome.importance_seconds,
+        "wall_seconds": wall_seconds,
+        "provenance": prov,
+    }
