@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -122,8 +123,21 @@ def _nonfinite(tensors: ParamDict) -> bool:
     return not all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
-def run_sequence(cfg: RunConfig, tasks: list[Task], device: torch.device, progress: bool = False) -> RunOutcome:
-    """Train one continual-learning run over ``tasks`` with config ``cfg``."""
+AfterTask = Callable[[int, list[float]], None]
+
+
+def run_sequence(
+    cfg: RunConfig,
+    tasks: list[Task],
+    device: torch.device,
+    progress: bool = False,
+    after_task: AfterTask | None = None,
+) -> RunOutcome:
+    """Train one continual-learning run over ``tasks`` with config ``cfg``.
+
+    ``after_task(t, accuracies)`` is called after each evaluated task (1-based t); it may
+    raise to stop the run early (an Optuna pruner does).
+    """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch).to(device)
     params = list(model.parameters())
@@ -150,6 +164,8 @@ def run_sequence(cfg: RunConfig, tasks: list[Task], device: torch.device, progre
             break
         outcome.acc_matrix.append([accuracy(model, s.test_x, s.test_y, cfg.eval_batch_size) for s in tasks[:t]])
         log.info("after task %d: mean accuracy %.4f", t, sum(outcome.acc_matrix[-1]) / t)
+        if after_task is not None:
+            after_task(t, outcome.acc_matrix[-1])
         if t == len(tasks):
             break
         start = time.perf_counter()
@@ -165,7 +181,7 @@ def run_sequence(cfg: RunConfig, tasks: list[Task], device: torch.device, progre
     return outcome
 
 
-def execute(cfg: RunConfig, progress: bool = False) -> dict[str, object]:
+def execute(cfg: RunConfig, progress: bool = False, after_task: AfterTask | None = None) -> dict[str, object]:
     """Load the data, run, and return the run record (see ``record``)."""
     cfg.validate()
     resolved = cfg.resolved()
@@ -176,7 +192,7 @@ def execute(cfg: RunConfig, progress: bool = False) -> dict[str, object]:
         cfg.train_subset, cfg.test_subset, cfg.download,
     )
     wall = time.perf_counter()
-    outcome = run_sequence(cfg, tasks, device, progress)
+    outcome = run_sequence(cfg, tasks, device, progress, after_task)
     wall = time.perf_counter() - wall
     checksums = data_checksums(datasets_of(resolved.sequence, resolved.n_tasks), root)
     return record(resolved, [t.name for t in tasks], outcome, wall, provenance.collect(device, checksums, str(root)))
