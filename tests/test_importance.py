@@ -183,3 +183,181 @@ def test_si_matches_path_integral_reference():
 def test_registry_rejects_unknown_method():
     with pytest.raises(ValueError, match="allowed: fisher, mas, si, signal, magnitude"):
         build_importance("ewc++")
+
+
+# --------------------------------------------------------------------------------------------------
+# Signal importance beyond linear layers (rules in importance/signal.py's docstring)
+
+
+class TinySignalConvNet(nn.Module):
+    """Grouped, strided, padded conv -> BatchNorm -> leaky ReLU -> linear -> softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)  # (B, 2, 5, 5) -> (B, 4, 3, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(F.leaky_relu(self.bn(self.conv(x)), 0.01).flatten(1))
+
+    def signal_activations(self):
+        return {
+            "conv": lambda z: F.leaky_relu(self.bn.forward(z), 0.01),
+            "bn": lambda z: F.leaky_relu(z, 0.01),
+            "fc": lambda z: z.softmax(-1),
+        }
+
+
+def test_signal_conv_and_batchnorm_match_hand_computation():
+    torch.manual_seed(0)
+    model = TinySignalConvNet().double()
+    model.bn.running_mean.uniform_(-0.3, 0.3)
+    model.bn.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        model.bn.weight.uniform_(-1.5, 1.5)
+        model.bn.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    x, y = data((2, 5, 5), n=6)
+    got = build_importance("signal").end_task(model, x, y)
+
+    conv, bn = model.conv, model.bn
+    w_in = torch.zeros(4, 1, 3, 3, dtype=torch.float64)  # sum of |input element| each weight multiplies
+    conv_out = torch.zeros(4, dtype=torch.float64)
+    bn_in = torch.zeros(4, dtype=torch.float64)
+    positions = 0
+    with torch.no_grad():
+        padded = F.pad(x, (1, 1, 1, 1))
+        for n in range(x.shape[0]):
+            for i in range(3):
+                for j in range(3):
+                    positions += 1
+                    for o in range(4):
+                        c = o // 2  # groups=2: output channels 0,1 read input channel 0; 2,3 read 1
+                        patch = padded[n, c, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3]  # (3, 3)
+                        w_in[o, 0] += patch.abs()
+                        z = (conv.weight[o, 0] * patch).sum() + conv.bias[o]
+                        x_hat = (z - bn.running_mean[o]) / torch.sqrt(bn.running_var[o] + bn.eps)
+                        a = bn.weight[o] * x_hat + bn.bias[o]
+                        a = a if a > 0 else 0.01 * a
+                        conv_out[o] += a.abs()
+                        bn_in[o] += x_hat.abs()
+    assert_close(
+        {k: got[k] for k in ("conv.weight", "conv.bias", "bn.weight", "bn.bias")},
+        {
+            "conv.weight": conv.weight.abs() * w_in / positions,
+            "conv.bias": conv_out / positions,
+            "bn.weight": bn.weight.abs() * bn_in / positions,
+            "bn.bias": conv_out / positions,  # conv bias and BN beta feed the same block output
+        },
+    )
+
+
+def test_signal_attention_matches_hand_computation():
+    """A one-block attention model, every layer's input and output formed by hand, sample by sample."""
+    from ewcstab.models.attention import AttentionNet
+
+    torch.manual_seed(0)
+    model = AttentionNet(dim=4, depth=1, heads=2, mlp_hidden=6, patch=2, image=4, classes=3).double().eval()
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    x, y = data((1, 4, 4), n=5)
+    got = build_importance("signal").end_task(model, x, y)
+
+    blk = model.blocks[0]
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def see(name, inp, out):  # inp/out: (rows, features) of one sample
+        for key, val in ((f"{name}/in", inp.abs().sum(0)), (f"{name}/out", out.abs().sum(0))):
+            sums[key] = sums.get(key, 0) + val
+        rows[name] = rows.get(name, 0) + inp.shape[0]
+
+    def linear(name, m, h, act=lambda z: z):
+        out = act(h @ m.weight.T + m.bias)
+        see(name, h, out)
+        return h @ m.weight.T + m.bias
+
+    def layer_norm(name, m, h):
+        x_hat = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + m.eps)
+        out = m.weight * x_hat + m.bias
+        see(name, x_hat, out)
+        return out
+
+    with torch.no_grad():
+        for n in range(x.shape[0]):
+            img = x[n, 0]
+            patches = torch.stack([img[r : r + 2, c : c + 2].reshape(-1) for r in (0, 2) for c in (0, 2)])  # (4 tokens, 4 pixels)
+            proj = model.embed.proj
+            tokens = patches @ proj.weight.reshape(4, 4).T + proj.bias  # (T, D)
+            see("embed.proj", patches, tokens)
+            h = tokens + model.embed.pos
+            sums["embed/out"] = sums.get("embed/out", 0) + h.abs()  # per (token, channel): no sharing
+            rows["embed"] = rows.get("embed", 0) + 1
+            u = layer_norm("blocks.0.norm1", blk.norm1, h)
+            q = linear("blocks.0.attn.q", blk.attn.q, u)
+            k = linear("blocks.0.attn.k", blk.attn.k, u)
+            v = linear("blocks.0.attn.v", blk.attn.v, u)
+            heads = []
+            for head in range(2):
+                sl = slice(2 * head, 2 * head + 2)
+                att = (q[:, sl] @ k[:, sl].T / 2**0.5).softmax(-1)
+                heads.append(att @ v[:, sl])
+            h = h + linear("blocks.0.attn.out", blk.attn.out, torch.cat(heads, -1))
+            u = layer_norm("blocks.0.norm2", blk.norm2, h)
+            hid = F.gelu(linear("blocks.0.mlp.fc1", blk.mlp.fc1, u, F.gelu))
+            h = h + linear("blocks.0.mlp.fc2", blk.mlp.fc2, hid)
+            u = layer_norm("norm", model.norm, h)
+            linear("head", model.head, u.mean(0, keepdim=True), lambda z: z.softmax(-1))
+
+    want = {}
+    modules = dict(model.named_modules())
+    for name, count in rows.items():
+        if name == "embed":
+            want["embed.pos"] = sums["embed/out"] / count
+            continue
+        m = modules[name]
+        weight = m.weight.reshape(m.weight.shape[0], -1) if name == "embed.proj" else m.weight
+        w = weight.abs() * sums[f"{name}/in"] / count
+        want[f"{name}.weight"] = w.reshape(m.weight.shape)
+        want[f"{name}.bias"] = sums[f"{name}/out"] / count
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "attention"])
+def test_signal_covers_every_parameter_of_every_registry_model(arch):
+    from ewcstab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch)
+    params = dict(model.named_parameters())
+    got = build_importance("signal").end_task(model, torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+    assert list(got) == list(params)
+    for k, v in got.items():
+        assert v.shape == params[k].shape and torch.isfinite(v).all() and (v >= 0).all(), k
+
+
+def test_signal_refuses_a_parameter_without_a_rule():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 4)
+            self.scale = nn.Parameter(torch.ones(4))  # multiplicative: no rule for it
+
+        def forward(self, x):
+            return self.fc(x) * self.scale
+
+        def signal_activations(self):
+            return {"fc": lambda z: z}
+
+    with pytest.raises(ValueError, match=r"no rule for parameters \['scale'\]"):
+        build_importance("signal").end_task(Scaled(), *data((12,)))
+
+    class Listed(Scaled):
+        def signal_activations(self):
+            return {"fc": lambda z: z, "": lambda z: z}  # the root module: neither layer nor additive
+
+    with pytest.raises(ValueError, match="no rule for module"):
+        build_importance("signal").end_task(Listed(), *data((12,)))

@@ -43,12 +43,35 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--perm-seed", type=int, help="seed of the permuted-MNIST permutations (default 0)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--data-root", help="torchvision data folder (default: $EWCSTAB_DATA, else ./data)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """--config file, then the explicit flags on top; --lam-from reads lambda from a search result."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     base = RunConfig.from_file(args.config) if args.config else RunConfig()
     changes = {field: getattr(args, flag) for flag, field in RUN_OVERRIDES.items() if getattr(args, flag) is not None}
+    if getattr(args, "lam_from", None):
+        if "lam" in changes:
+            raise ConfigError("lam: give either --lam or --lam-from, not both")
+        changes["lam"] = best_lambda_from(args.lam_from)
     return base.replace(**changes)
+
+
+def best_lambda_from(path: str) -> float:
+    import json
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise ConfigError(f"lam-from: {path!r} does not exist (expected the best_lambda JSON of a search)")
+    try:
+        value = json.loads(Path(path).read_text())["best_lambda"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"lam-from: {path!r} is not a search result (no 'best_lambda' key)") from None
+    return float(value)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -81,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ewcstab run --arch mlp --method mas --variant original --lam 4.5 --seed 0 --out run.json",
     )
     add_run_arguments(run)
+    run.add_argument("--lam-from", metavar="FILE", help="take lambda from a search's best_lambda JSON")
     run.add_argument("--out", required=True, metavar="FILE", help="where to write the run record (JSON, atomic)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
@@ -91,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Functions that add further subcommands; each takes the subparsers object."""
-    from ewcstab import benchmark
+    from ewcstab import aggregate, benchmark, search
 
-    return [benchmark.register]
+    return [search.register, aggregate.register, benchmark.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,13 +72,19 @@ class QuadraticPenalty:
         self.coef = [self.rule(omega[k].detach(), self.lam, self.alpha) for k in anchor]
         self._twice_coef = [2.0 * c for c in self.coef]
 
-    def add_grad_(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        """grads += d penalty / d theta = 2 c (theta - theta*)."""
+    def grad(self, params: list[Tensor]) -> list[Tensor] | None:
+        """d penalty / d theta = 2 c (theta - theta*) as new tensors; None while the penalty is inactive."""
         if not self.active:
-            return
+            return None
         diff = torch._foreach_sub([p.detach() for p in params], self.anchor)
         torch._foreach_mul_(diff, self._twice_coef)
-        torch._foreach_add_(grads, diff)
+        return diff
+
+    def add_grad_(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """grads += d penalty / d theta = 2 c (theta - theta*)."""
+        pen = self.grad(params)
+        if pen is not None:
+            torch._foreach_add_(grads, pen)
 
     def value(self, params: list[Tensor]) -> Tensor:
         if not self.active:

@@ -7,8 +7,13 @@ For each task t = 1..T:
   if t < T: Omega += importance on the last ``importance_samples`` training samples
   (model in eval mode), anchor theta* = current parameters.
 
-A run whose loss becomes NaN/inf stops and is reported as diverged, with the task,
-epoch and step; its later accuracies are null, never numbers.
+A run whose loss or gradient becomes NaN/inf, or whose loss blows up (``telemetry.BlowupRule``:
+loss > min(1e4, 100 x max(the task's first batch loss, ln 10)) by default), stops and is reported as
+diverged, with the task, epoch and step; its later accuracies are null, never numbers.
+
+Every run also records gradient-explosion telemetry (``telemetry.py``): per trained task, summaries of
+the pre-clip gradient norm, the penalty gradient's share of it, the penalty's step gain kappa, the
+distance to the anchor and how often clipping fired; per-step traces only when asked (``trace=True``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ewcstab.interfaces import Importance, ParamDict, Task
 from ewcstab.metrics import accuracy
 from ewcstab.models import build_model
 from ewcstab.penalty import QuadraticPenalty, build_penalty
+from ewcstab.telemetry import DEFAULT_BLOWUP, BlowupRule, TaskMonitor, total_norm
 from ewcstab import provenance
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,9 @@ class RunOutcome:
     train_seconds: list[float] = field(default_factory=list)
     importance_seconds: list[float] = field(default_factory=list)
     divergence: Divergence | None = None
+    telemetry: list[dict[str, object]] = field(default_factory=list)  # one summary per trained task
+    telemetry_trace: list[dict[str, object]] | None = None  # per-step rows per task, when asked
+    divergence_rule: dict[str, float] = field(default_factory=DEFAULT_BLOWUP.to_dict)
 
 
 def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
@@ -78,18 +87,28 @@ def train_task(
     importance: Importance,
     generator: torch.Generator,
     progress: bool = False,
+    monitor: TaskMonitor | None = None,
+    blowup: BlowupRule = DEFAULT_BLOWUP,
 ) -> Divergence | None:
-    """Train one task; returns the divergence, or None if every loss stayed finite."""
+    """Train one task; returns the divergence, or None if it stayed finite and did not blow up.
+
+    ``monitor`` (made here when not given) receives each step's telemetry; pass one to read it
+    afterwards. Every step: task-loss gradient, its norm, + penalty gradient (and its norm), the
+    importance's hook, clipping (clipped variant), optimizer step. Norms stay on the device; the host
+    looks at them every ``divergence_check_every`` steps and at the task's end.
+    """
     params = [p for p in model.parameters()]
     grads = [p.grad for p in params]
     n = task.train_x.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if monitor is None:
+        monitor = TaskMonitor(task_index, total_steps, task.train_x.device, penalty.step_gain(), penalty.clip_norm, blowup)
     check = cfg.divergence_check_every
-    losses = torch.zeros(check, device=task.train_x.device)  # device-side buffer: no sync per step
     model.train()
     importance.begin_task(model)
     bar = tqdm(
-        total=cfg.epochs * steps_per_epoch, desc=f"task {task_index}", unit="step",
+        total=total_steps, desc=f"task {task_index}", unit="step",
         disable=not progress, mininterval=1.0, leave=False,
     )
     step = 0
@@ -100,21 +119,23 @@ def train_task(
             loss = F.cross_entropy(model(task.train_x[idx]), task.train_y[idx])
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
-            penalty.add_grad_(params, grads)
+            task_norm = total_norm(grads)  # before the penalty's gradient joins it
+            penalty_grads = penalty.grad(params)
+            if penalty_grads is not None:
+                torch._foreach_add_(grads, penalty_grads)
             importance.before_step(params, grads)
-            penalty.clip_(params)
+            pre_clip = penalty.clip_(params)
+            monitor.record(loss, task_norm, penalty_grads, grads, pre_clip)
             optimizer.step()
             importance.after_step(params)
-            losses[step % check] = loss.detach()
             step += 1
-            if step % check == 0 or step == cfg.epochs * steps_per_epoch:
+            if step % check == 0 or step == total_steps:
                 bar.update(step - bar.n)
-                filled = (step - 1) % check + 1
-                finite = torch.isfinite(losses[:filled])
-                if not bool(finite.all()):
-                    first = step - filled + int((~finite).nonzero()[0]) + 1
+                diverged = monitor.check()
+                if diverged is not None:
+                    first, reason = diverged
                     bar.close()
-                    return Divergence(task_index, (first - 1) // steps_per_epoch + 1, first, "non-finite loss")
+                    return Divergence(task_index, (first - 1) // steps_per_epoch + 1, first, reason)
     bar.close()
     return None
 
@@ -132,11 +153,14 @@ def run_sequence(
     device: torch.device,
     progress: bool = False,
     after_task: AfterTask | None = None,
+    trace: bool = False,
+    blowup: BlowupRule = DEFAULT_BLOWUP,
 ) -> RunOutcome:
     """Train one continual-learning run over ``tasks`` with config ``cfg``.
 
     ``after_task(t, accuracies)`` is called after each evaluated task (1-based t); it may
-    raise to stop the run early (an Optuna pruner does).
+    raise to stop the run early (an Optuna pruner does). ``trace``: also keep the per-step
+    telemetry rows (``RunOutcome.telemetry_trace``). ``blowup``: the loss blow-up rule.
     """
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch).to(device)
@@ -149,15 +173,23 @@ def run_sequence(
     generator = torch.Generator().manual_seed(cfg.seed)
     omega: ParamDict = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
 
-    outcome = RunOutcome()
+    outcome = RunOutcome(telemetry_trace=[] if trace else None, divergence_rule=blowup.to_dict())
     for t, task in enumerate(tasks, start=1):
+        n_steps = cfg.epochs * math.ceil(task.train_x.shape[0] / cfg.batch_size)
+        monitor = TaskMonitor(t, n_steps, device, penalty.step_gain(), penalty.clip_norm, blowup)
         synchronize(device)
         start = time.perf_counter()
-        divergence = train_task(model, task, t, cfg, optimizer, penalty, importance, generator, progress)
+        divergence = train_task(
+            model, task, t, cfg, optimizer, penalty, importance, generator, progress, monitor=monitor, blowup=blowup
+        )
         synchronize(device)
         outcome.train_seconds.append(time.perf_counter() - start)
+        outcome.telemetry.append(monitor.summary(params, penalty.anchor))
+        if outcome.telemetry_trace is not None:
+            outcome.telemetry_trace.append(monitor.trace())
         if divergence is None and _nonfinite(dict(model.named_parameters())):
             divergence = Divergence(t, cfg.epochs, -1, "non-finite parameters")
+            outcome.telemetry[-1].update(diverged=True, divergence_reason=divergence.reason)
         if divergence is not None:
             outcome.divergence = divergence
             log.warning("run diverged: %s", divergence)
@@ -181,8 +213,14 @@ def run_sequence(
     return outcome
 
 
-def execute(cfg: RunConfig, progress: bool = False, after_task: AfterTask | None = None) -> dict[str, object]:
-    """Load the data, run, and return the run record (see ``record``)."""
+def execute(
+    cfg: RunConfig,
+    progress: bool = False,
+    after_task: AfterTask | None = None,
+    trace: bool = False,
+    blowup: BlowupRule = DEFAULT_BLOWUP,
+) -> dict[str, object]:
+    """Load the data, run, and return the run record (see ``record``); ``trace``: add per-step telemetry."""
     cfg.validate()
     resolved = cfg.resolved()
     device = resolve_device(cfg.device)
@@ -192,7 +230,7 @@ def execute(cfg: RunConfig, progress: bool = False, after_task: AfterTask | None
         cfg.train_subset, cfg.test_subset, cfg.download,
     )
     wall = time.perf_counter()
-    outcome = run_sequence(cfg, tasks, device, progress, after_task)
+    outcome = run_sequence(cfg, tasks, device, progress, after_task, trace=trace, blowup=blowup)
     wall = time.perf_counter() - wall
     checksums = data_checksums(datasets_of(resolved.sequence, resolved.n_tasks), root)
     return record(resolved, [t.name for t in tasks], outcome, wall, provenance.collect(device, checksums, str(root)))
@@ -201,7 +239,12 @@ def execute(cfg: RunConfig, progress: bool = False, after_task: AfterTask | None
 def record(
     cfg: RunConfig, task_names: list[str], outcome: RunOutcome, wall_seconds: float, prov: dict[str, object]
 ) -> dict[str, object]:
-    """The run record: one JSON object per run (see README, 'Run records')."""
+    """The run record: one JSON object per run (see README, 'Run records').
+
+    "telemetry": one summary dict per trained task (keys in ``ewcstab.telemetry``);
+    "telemetry_trace" (only when the run was traced): per task, the per-step rows;
+    "divergence_rule": the loss blow-up rule the run used.
+    """
     n_tasks = len(task_names)
     means: list[float | None] = [sum(row) / len(row) for row in outcome.acc_matrix]
     means += [None] * (n_tasks - len(means))
@@ -219,5 +262,8 @@ def record(
         "train_seconds": outcome.train_seconds,
         "importance_seconds": outcome.importance_seconds,
         "wall_seconds": wall_seconds,
+        "telemetry": outcome.telemetry,
+        **({} if outcome.telemetry_trace is None else {"telemetry_trace": outcome.telemetry_trace}),
+        "divergence_rule": outcome.divergence_rule,
         "provenance": prov,
     }

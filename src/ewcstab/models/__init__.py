@@ -1,4 +1,9 @@
-"""Model registry: config name -> constructor. One module per architecture."""
+"""Model registry: config name -> constructor. One module per architecture.
+
+- ``mlp``: the paper's 784-300-150-10 MLP (permuted MNIST).
+- ``cnn``: the paper's 3-conv BatchNorm network (MNIST / Fashion-MNIST / rotated).
+- ``attention``: our small vision transformer (the paper publishes no attention model).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ewcstab.models.attention import AttentionNet
+from ewcstab.models.cnn import CNN
 from ewcstab.models.mlp import MLP
 
-REGISTRY: dict[str, Callable[[], nn.Module]] = {"mlp": MLP}
+REGISTRY: dict[str, Callable[[], nn.Module]] = {"mlp": MLP, "cnn": CNN, "attention": AttentionNet}
 
 
 def register(name: str, factory: Callable[[], nn.Module]) -> None:

@@ -1,0 +1,271 @@
+"""``ewcstab search``: an Optuna study of lambda for one (arch, method, variant).
+
+- ``tpe`` mode: TPE (seeded) over log-lambda in [low, high]; a median pruner stops
+  hopeless lambdas early from the mean accuracy reported after every task.
+- ``grid`` mode: Optuna's GridSampler over given lambda values (the paper's grids), no
+  pruning, for a faithful accuracy-versus-lambda curve.
+
+The objective of a trial is the mean accuracy after the last task, averaged over the
+trial's seeds. Intermediate value at step ``s*T + t`` is the mean accuracy after task t
+of the s-th seed, so trials are compared at equal progress.
+
+A trial whose run diverges is marked PRUNED with the user attribute ``diverged``; TPE
+then ranks it below the trials that got further. The study lives in a storage chosen by
+URL (``sqlite:///path.db``, ``journal:///path.log`` for Optuna's journal file storage on a
+shared filesystem, or any SQLAlchemy database URL), so an interrupted study resumes on
+rerun: finished trials are kept, trials left RUNNING by a dead single worker are marked
+FAIL and redone, and only the missing number of trials is run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ewcstab.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+#: Trial seeds are offset from the final runs' seeds (0..N-1) so selection and report use different runs.
+TRIAL_SEED_OFFSET = 1000
+
+
+@dataclass
+class SearchSpec:
+    """What to search: lambda range or grid, trials, seeds per trial."""
+
+    mode: str  # tpe | grid
+    low: float
+    high: float
+    n_trials: int
+    seeds_per_trial: int
+    grid: list[float] | None = None
+    sampler_seed: int = 0
+    pruner: str = "median"  # median | none
+    pruner_startup_trials: int = 4
+
+    def validate(self) -> None:
+        if self.mode not in ("tpe", "grid"):
+            raise ValueError(f"mode: {self.mode!r} is not allowed; allowed: tpe, grid")
+        if self.pruner not in ("median", "none"):
+            raise ValueError(f"pruner: {self.pruner!r} is not allowed; allowed: median, none")
+        if self.mode == "tpe" and not (0 < self.low < self.high):
+            raise ValueError(f"lambda range [{self.low}, {self.high}]: tpe needs 0 < low < high (log scale)")
+        if self.mode == "grid" and not self.grid:
+            raise ValueError("grid mode needs a non-empty list of lambda values")
+        if self.n_trials < 1 or self.seeds_per_trial < 1:
+            raise ValueError("n_trials and seeds_per_trial must be >= 1")
+
+
+def open_storage(url: str):
+    """An Optuna storage from a URL; ``journal:///path`` selects the journal file storage."""
+    import optuna
+
+    if url.startswith("journal:///"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+
+
+def grid_values(low: float, high: float, n: int) -> list[float]:
+    """n evenly spaced lambdas in [low, high] (the paper's grids give range and count)."""
+    return [float(v) for v in np.round(np.linspace(low, high, n), 10)]
+
+
+def fail_stale_trials(study) -> int:
+    """Mark RUNNING trials FAIL: only safe when no other worker shares the study."""
+    from optuna.trial import TrialState
+
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        log.warning("trial %d was left running by an interrupted worker: marked FAIL, will be redone", t.number)
+    return len(stale)
+
+
+def make_study(name: str, storage_url: str, spec: SearchSpec):
+    import optuna
+
+    if spec.mode == "grid":
+        sampler = optuna.samplers.GridSampler({"lam": spec.grid}, seed=spec.sampler_seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=min(5, spec.n_trials))
+    if spec.pruner == "median" and spec.mode == "tpe":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=1)
+    else:
+        pruner = optuna.pruners.NopPruner()
+    return optuna.create_study(
+        study_name=name, storage=open_storage(storage_url), sampler=sampler, pruner=pruner,
+        direction="maximize", load_if_exists=True,
+    )
+
+
+def run_search(
+    name: str,
+    storage_url: str,
+    base: RunConfig,
+    spec: SearchSpec,
+    runs_dir: Path,
+    single_worker: bool = True,
+    progress: bool = False,
+):
+    """Run (or resume) the study until it holds ``spec.n_trials`` finished trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ewcstab.io import write_json_atomic
+    from ewcstab.train import execute
+
+    spec.validate()
+    base.validate()
+    study = make_study(name, storage_url, spec)
+    if single_worker:
+        fail_stale_trials(study)
+    finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
+    n_tasks = base.resolved().n_tasks
+
+    def objective(trial: optuna.Trial) -> float:
+        if spec.mode == "grid":
+            lam = trial.suggest_float("lam", min(spec.grid), max(spec.grid))
+        else:
+            lam = trial.suggest_float("lam", spec.low, spec.high, log=True)
+        finals = []
+        for s in range(spec.seeds_per_trial):
+            seed = TRIAL_SEED_OFFSET + s
+            cfg = base.replace(lam=lam, seed=seed)
+            out = runs_dir / f"trial{trial.number:04d}_seed{seed}.json"
+            rows: list[list[float]] = []
+
+            def report(t: int, accs: list[float], s: int = s, rows: list = rows) -> None:
+                rows.append(accs)
+                trial.report(sum(accs) / len(accs), step=s * n_tasks + t)
+                if trial.should_prune():
+                    trial.set_user_attr(f"pruned_after_task_seed{seed}", t)
+                    write_json_atomic(out, {"schema": "ewcstab.run/1", "pruned": True, "config": cfg.resolved().to_dict(),
+                                            "seed": seed, "acc_matrix": rows, "trial": trial.number})
+                    raise optuna.TrialPruned(f"pruned after task {t} of seed {seed}")
+
+            rec = execute(cfg, progress=progress, after_task=report)
+            rec["trial"] = trial.number
+            write_json_atomic(out, rec)
+            if rec["diverged"]:
+                trial.set_user_attr("diverged", True)
+                trial.set_user_attr("diverged_at", rec["diverged_at"])
+                raise optuna.TrialPruned(f"diverged at {rec['diverged_at']}")
+            finals.append(rec["final_mean_acc"])
+            trial.set_user_attr(f"final_mean_acc_seed{seed}", rec["final_mean_acc"])
+        return float(np.mean(finals))
+
+    done = len(study.get_trials(deepcopy=False, states=finished_states))
+    remaining = spec.n_trials - done
+    log.info("study %s: %d of %d trials finished, %d to run", name, done, spec.n_trials, max(remaining, 0))
+    if remaining > 0:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=finished_states)],
+            gc_after_trial=False,
+        )
+    return study
+
+
+def summarize(study, spec: SearchSpec, meta: dict[str, object]) -> tuple[dict[str, object], "object"]:
+    """best_lambda record and the trials table (pandas DataFrame)."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise RuntimeError(f"study {study.study_name!r} has no completed trial: cannot choose lambda")
+    best = max(complete, key=lambda t: t.value)
+    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in
+              (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    trials = study.trials_dataframe(attrs=("number", "value", "params", "state", "duration", "user_attrs"))
+    trials["duration"] = trials["duration"].dt.total_seconds()
+    trials = trials.rename(columns={"params_lam": "lam", "duration": "duration_seconds"})
+    trials["diverged"] = trials.get("user_attrs_diverged", False)
+    trials["diverged"] = trials["diverged"].fillna(False).astype(bool)
+    record = {
+        **meta,
+        "study": study.study_name,
+        "mode": spec.mode,
+        "lambda_range": [spec.low, spec.high] if spec.mode == "tpe" else [min(spec.grid), max(spec.grid)],
+        "best_lambda": best.params["lam"],
+        "best_value": best.value,
+        "best_trial": best.number,
+        "n_trials": counts,
+        "n_diverged": int(trials["diverged"].sum()),
+        "seeds_per_trial": spec.seeds_per_trial,
+    }
+    if not math.isfinite(record["best_value"]):
+        raise RuntimeError("best trial has a non-finite value")
+    return record, trials
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ewcstab import provenance
+    from ewcstab.cli import config_from_args
+    from ewcstab.device import resolve_device
+    from ewcstab.io import write_json_atomic, write_text_atomic
+
+    base = config_from_args(args)
+    grid = None
+    if args.mode == "grid":
+        grid = args.grid or grid_values(args.low, args.high, args.grid_n)
+    spec = SearchSpec(args.mode, args.low, args.high, args.n_trials, args.seeds_per_trial, grid,
+                      args.sampler_seed, args.pruner)
+    try:
+        spec.validate()
+    except ValueError as err:
+        from ewcstab.config import ConfigError
+
+        raise ConfigError(str(err)) from None
+    name = args.study_name or f"{base.arch}-{base.method}-{base.variant}"
+    runs_dir = Path(args.runs_dir)
+    study = run_search(name, args.storage, base, spec, runs_dir, single_worker=not args.shared, progress=not args.no_progress)
+    meta = {
+        "arch": base.arch, "method": base.method, "variant": base.variant, "storage": args.storage,
+        "run_config": base.resolved().to_dict(),
+        "provenance": {k: v for k, v in provenance.collect(resolve_device(base.device), {}, "").items()
+                       if k in ("packages", "git", "device", "host", "created")},
+    }
+    record, trials = summarize(study, spec, meta)
+    write_text_atomic(args.trials_out, trials.to_csv(index=False))
+    write_json_atomic(args.out, record)
+    logging.info("best lambda %.6g (mean acc %.4f) -> %s", record["best_lambda"], record["best_value"], args.out)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ewcstab.cli import add_run_arguments
+
+    p = sub.add_parser("search", help="Optuna search of lambda for one (arch, method, variant)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p)
+    p.add_argument("--mode", choices=("tpe", "grid"), default="tpe", help="tpe over log-lambda, or a grid sweep")
+    p.add_argument("--low", type=float, required=True, help="smallest lambda (tpe: > 0)")
+    p.add_argument("--high", type=float, required=True, help="largest lambda")
+    p.add_argument("--grid-n", type=int, default=10, help="grid mode: number of evenly spaced lambdas")
+    p.add_argument("--grid", type=float, nargs="+", help="grid mode: explicit lambda values (overrides --grid-n)")
+    p.add_argument("--n-trials", type=int, required=True, help="finished trials the study must hold")
+    p.add_argument("--seeds-per-trial", type=int, default=1, help="runs per trial (seeds 1000, 1001, ...)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE/grid sampler")
+    p.add_argument("--pruner", choices=("median", "none"), default="median", help="early stopping of trials (tpe)")
+    p.add_argument("--storage", required=True, help="sqlite:///file.db, journal:///file.log, or a database URL")
+    p.add_argument("--study-name", help="default: ARCH-METHOD-VARIANT")
+    p.add_argument("--shared", action="store_true",
+                   help="other workers share this study: do not fail RUNNING trials at start")
+    p.add_argument("--runs-dir", required=True, help="folder for every trial's run records")
+    p.add_argument("--out", required=True, help="best-lambda JSON")
+    p.add_argument("--trials-out", required=True, help="CSV of all trials")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_search)

@@ -1,0 +1,64 @@
+"""Optuna search: resume after an interruption, grid mode, best-lambda summary."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from ewcstab.config import RunConfig
+from ewcstab.search import SearchSpec, grid_values, run_search, summarize
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def tiny_base(data_root) -> RunConfig:
+    return RunConfig(method="mas", n_tasks=2, epochs=1, train_subset=600, test_subset=300, importance_samples=200,
+                     data_root=str(data_root), download=False, device="cpu")
+
+
+def test_interrupted_search_resumes_without_repeating_trials(tmp_path, data_root):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    runs = tmp_path / "runs"
+    spec = SearchSpec("tpe", 0.1, 100.0, n_trials=2, seeds_per_trial=1, pruner="none")
+    study = run_search("s", storage, tiny_base(data_root), spec, runs)
+    first = {t.number: (t.params["lam"], t.value) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert len(first) == 2
+    mtimes = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
+
+    # an interrupted worker leaves a trial RUNNING (asked, never told)
+    optuna.load_study(study_name="s", storage=storage).ask()
+
+    spec.n_trials = 4
+    study = run_search("s", storage, tiny_base(data_root), spec, runs)
+    trials = study.get_trials()
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 4
+    assert [t.state for t in trials].count(TrialState.FAIL) == 1  # the stale one, not redone in place
+    for number, (lam, value) in first.items():  # finished trials untouched
+        assert trials[number].params["lam"] == lam and trials[number].value == value
+    for name, mtime in mtimes.items():  # and their run records were not rewritten
+        assert (runs / name).stat().st_mtime_ns == mtime
+    assert len(list(runs.glob("trial*_seed1000.json"))) == 4
+
+    # rerunning a finished study runs nothing
+    study = run_search("s", storage, tiny_base(data_root), spec, runs)
+    assert len(study.get_trials()) == 5
+
+
+def test_grid_mode_visits_each_value_once(tmp_path, data_root):
+    grid = grid_values(0.0, 20.0, 3)
+    assert grid == [0.0, 10.0, 20.0]
+    spec = SearchSpec("grid", 0.0, 20.0, n_trials=3, seeds_per_trial=1, grid=grid)
+    study = run_search("g", f"sqlite:///{tmp_path}/g.db", tiny_base(data_root), spec, tmp_path / "runs")
+    lams = sorted(t.params["lam"] for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    assert lams == grid
+    best, table = summarize(study, spec, {"arch": "mlp"})
+    assert best["best_lambda"] in grid and best["n_trials"]["complete"] == 3
+    assert list(table["lam"].sort_values()) == grid
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="0 < low < high"):
+        SearchSpec("tpe", 0.0, 1.0, 2, 1).validate()
+    with pytest.raises(ValueError, match="allowed: tpe, grid"):
+        SearchSpec("random", 0.1, 1.0, 2, 1).validate()

@@ -1,0 +1,117 @@
+"""The Snakemake workflow end to end on a tiny configuration, rebuilds, and config validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.workflow
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A copy of the workflow's files (the package itself is installed)."""
+    work = tmp_path_factory.mktemp("wf")
+    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
+    shutil.copy(REPO / "tests" / "workflow_tiny.yaml", work / "tiny.yaml")
+    return work
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        # targets first: --configfile takes every following word as a file
+        [*SNAKEMAKE, *args, "--cores", "2", "--configfile", "config/quick.yaml", "tiny.yaml"],
+        cwd=workdir, capture_output=True, text=True, timeout=timeout, env={**os.environ},
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(workdir, data_root) -> Path:
+    proc = snakemake(workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir
+
+
+def test_outputs_exist_parse_and_have_expected_rows(finished):
+    table = pd.read_csv(finished / "results/tables/table1_continual.csv")
+    assert sorted(zip(table.arch, table.method, table.variant)) == [
+        ("mlp", m, v) for m in ("mas", "si") for v in ("original", "stabilized")
+    ]
+    assert (table.n_runs == 2).all() and (table.n_diverged == 0).all()
+    assert table.mean_acc_last.between(0.1, 1.0).all()
+    assert table.paper_mean_acc_last.notna().all()  # all four are in the paper
+    runs = pd.read_csv(finished / "results/tables/continual_runs.csv")
+    # (4 studies x 2 final seeds + 2 baseline seeds) runs x 2 tasks
+    assert len(runs) == (4 * 2 + 2) * 2
+    assert set(runs.role) == {"final", "baseline"}
+    md = (finished / "results/tables/table1_continual.md").read_text()
+    assert "paper: acc (95% CI)" in md and md.count("\n| mlp") == 4
+    for study in ("mas/original", "si/stabilized"):
+        best = json.loads((finished / f"results/search/mlp/{study}/best_lambda.json").read_text())
+        assert best["n_trials"]["complete"] + best["n_trials"]["pruned"] == 2
+        trials = pd.read_csv(finished / f"results/search/mlp/{study}/trials.csv")
+        assert len(trials) == 2 and "lam" in trials
+        assert len(list((finished / f"results/search/mlp/{study}/runs").glob("trial*_seed*.json"))) >= 1
+    rec = json.loads((finished / "results/runs/mlp/mas/original/seed0.json").read_text())
+    assert rec["config"]["lam"] == pytest.approx(
+        json.loads((finished / "results/search/mlp/mas/original/best_lambda.json").read_text())["best_lambda"]
+    )
+    assert (finished / "logs/search/mlp/mas/original.log").exists()
+    assert (finished / "benchmarks/runs/mlp/baseline/seed0.tsv").exists()
+
+
+def test_deleting_a_table_rebuilds_only_that_table(finished):
+    (finished / "results/tables/table1_continual.md").unlink()
+    dry = snakemake(finished, "-n", "results/tables/table1_continual.md")
+    assert dry.returncode == 0, dry.stderr
+    jobs = dry.stdout + dry.stderr
+    assert "make_table1" in jobs
+    for rule in ("tune_lambda", "train_final", "train_baseline", "gather_runs"):
+        assert f"rule {rule}:" not in jobs, f"{rule} would rerun"
+    proc = snakemake(finished, "results/tables/table1_continual.md")
+    assert proc.returncode == 0 and (finished / "results/tables/table1_continual.md").exists()
+
+
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ("continual:\n  methods: [ewc]\n", "'ewc' is not one of ['fisher', 'mas', 'si', 'signal']"),
+        ("continual:\n  final:\n    seeds: -1\n", "-1 is less than the minimum of 1"),
+        ("device: tpu\n", "'tpu' does not match"),
+        ("continual:\n  space:\n    mlp:\n      mas:\n        original: {low: -1, high: 3}\n",
+         "-1 is less than or equal to the minimum of 0"),
+        ("continual:\n  run:\n    epochz: 3\n", "Additional properties are not allowed ('epochz' was unexpected)"),
+    ],
+)
+def test_bad_config_rejected_before_any_job(workdir, bad, needle):
+    (workdir / "bad.yaml").write_text(bad)
+    proc = subprocess.run(
+        [*SNAKEMAKE, "-n", "--cores", "1", "--configfile", "config/quick.yaml", "bad.yaml"],
+        cwd=workdir, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert needle in out, out[-2000:]
+
+
+def test_default_config_lists_the_whole_paper_reproduction(workdir):
+    proc = subprocess.run([*SNAKEMAKE, "-n", "--cores", "1"], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    # mlp: 4 methods x 2 variants; cnn: 3 methods x 2 variants = 14 studies, 20 seeds each, 2 baselines
+    assert "tune_lambda             14" in out
+    assert "train_final            280" in out
+    assert "train_baseline          40" in out

@@ -1,0 +1,44 @@
+# Run records -> one long-format CSV -> Table 1 (CSV and Markdown) with the paper's numbers.
+
+
+rule gather_runs:
+    input:
+        final=get_final_records,
+        baseline=get_baseline_records,
+    output:
+        RUNS_TABLE,
+    log:
+        "logs/aggregate/gather_runs.log",
+    benchmark:
+        "benchmarks/aggregate/gather_runs.tsv"
+    threads: 1
+    resources:
+        mem_mb=get_resources("aggregate").get("mem_mb", 2000),
+        runtime=get_resources("aggregate").get("runtime", 10),
+    conda:
+        ENV
+    shell:
+        "ewcstab gather --final {input.final} --baseline {input.baseline} --out {output} 2> {log}"
+
+
+rule make_table1:
+    input:
+        runs=RUNS_TABLE,
+        search=get_best_lambda_files,
+        paper=config["paper_continual"],
+    output:
+        csv=TABLE1[0],
+        md=TABLE1[1],
+    log:
+        "logs/aggregate/make_table1.log",
+    benchmark:
+        "benchmarks/aggregate/make_table1.tsv"
+    threads: 1
+    resources:
+        mem_mb=get_resources("aggregate").get("mem_mb", 2000),
+        runtime=get_resources("aggregate").get("runtime", 10),
+    conda:
+        ENV
+    shell:
+        "ewcstab table --runs {input.runs} --search {input.search} --paper {input.paper}"
+        " --csv-out {output.csv} --md-out {output.md} 2> {log}"
