@@ -115,3 +115,18 @@ def test_default_config_lists_the_whole_paper_reproduction(workdir):
     assert "tune_lambda             14" in out
     assert "train_final            280" in out
     assert "train_baseline          40" in out
+
+
+def test_lint_and_format_are_clean():
+    lint = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0 and "good condition" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_slurm_profile_parses(workdir):
+    proc = subprocess.run([*SNAKEMAKE, "-n", "--profile", "profiles/slurm", "--configfile", "config/quick.yaml"],
+                          cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tune_lambda" in proc.stdout + proc.stderr

@@ -11,12 +11,12 @@ rule gather_runs:
         "logs/aggregate/gather_runs.log",
     benchmark:
         "benchmarks/aggregate/gather_runs.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=get_resources("aggregate").get("mem_mb", 2000),
         runtime=get_resources("aggregate").get("runtime", 10),
-    conda:
-        ENV
     shell:
         "ewcstab gather --final {input.final} --baseline {input.baseline} --out {output} 2> {log}"
 
@@ -33,12 +33,12 @@ rule make_table1:
         "logs/aggregate/make_table1.log",
     benchmark:
         "benchmarks/aggregate/make_table1.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=get_resources("aggregate").get("mem_mb", 2000),
         runtime=get_resources("aggregate").get("runtime", 10),
-    conda:
-        ENV
     shell:
         "ewcstab table --runs {input.runs} --search {input.search} --paper {input.paper}"
         " --csv-out {output.csv} --md-out {output.md} 2> {log}"

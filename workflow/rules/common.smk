@@ -78,7 +78,7 @@ def get_storage(wildcards):
     url = config["continual"]["search"].get("storage")
     if url:
         return url
-    return "sqlite:///" + get_study_dir(wildcards) + "/study.db"
+    return "sqlite:///" + str(Path(get_study_dir(wildcards), "study.db"))
 
 
 def get_study_dir(wildcards):
@@ -102,12 +102,16 @@ def get_baseline_records(wildcards=None):
     if not config["continual"]["final"].get("baseline", True):
         return []
     return [
-        BASELINE_RUN.format(arch=a, seed=s) for a in get_archs() for s in get_final_seeds()
+        BASELINE_RUN.format(arch=a, seed=s)
+        for a in get_archs()
+        for s in get_final_seeds()
     ]
 
 
 def get_best_lambda_files(wildcards=None):
-    return [BEST_LAMBDA.format(arch=a, method=m, variant=v) for a, m, v in get_studies()]
+    return [
+        BEST_LAMBDA.format(arch=a, method=m, variant=v) for a, m, v in get_studies()
+    ]
 
 
 def get_trials_files(wildcards=None):

@@ -4,17 +4,17 @@
 rule write_run_config:
     output:
         RUN_CONFIG,
-    params:
-        settings=get_run_settings,
     log:
         "logs/configs/{arch}.log",
     benchmark:
         "benchmarks/configs/{arch}.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=500,
         runtime=5,
-    conda:
-        ENV
+    params:
+        settings=get_run_settings,
     script:
         "../scripts/write_run_config.py"

@@ -9,21 +9,21 @@ rule tune_lambda:
     output:
         best=BEST_LAMBDA,
         trials=TRIALS,
-    params:
-        flags=get_search_flags,
-        storage=get_storage,
-        study_dir=get_study_dir,
     log:
         "logs/search/{arch}/{method}/{variant}.log",
     benchmark:
         "benchmarks/search/{arch}/{method}/{variant}.tsv"
+    conda:
+        ENV
     threads: get_resources("search").get("threads", 1)
     resources:
         mem_mb=get_resources("search").get("mem_mb", 4000),
         runtime=get_resources("search").get("runtime", 600),
         gpu=get_resources("search").get("gpu", 0),
-    conda:
-        ENV
+    params:
+        flags=get_search_flags,
+        storage=get_storage,
+        study_dir=get_study_dir,
     shell:
         "ewcstab search --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
         " --variant {wildcards.variant} {params.flags} --storage {params.storage:q}"
