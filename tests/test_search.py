@@ -62,3 +62,13 @@ def test_spec_validation():
         SearchSpec("tpe", 0.0, 1.0, 2, 1).validate()
     with pytest.raises(ValueError, match="allowed: tpe, grid"):
         SearchSpec("random", 0.1, 1.0, 2, 1).validate()
+
+
+def test_resuming_with_other_run_settings_is_refused(tmp_path, data_root):
+    from ewcstab.config import ConfigError
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    spec = SearchSpec("tpe", 0.1, 100.0, n_trials=1, seeds_per_trial=1, pruner="none")
+    run_search("s", storage, tiny_base(data_root), spec, tmp_path / "runs")
+    with pytest.raises(ConfigError, match=r"epochs: 1 -> 2"):
+        run_search("s", storage, tiny_base(data_root).replace(epochs=2), spec, tmp_path / "runs")

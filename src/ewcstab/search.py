@@ -22,6 +22,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import random
+import socket
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,9 @@ import numpy as np
 from ewcstab.config import RunConfig
 
 log = logging.getLogger(__name__)
+
+#: Identifies this process in each trial's user attributes (host:pid).
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 #: Trial seeds are offset from the final runs' seeds (0..N-1) so selection and report use different runs.
 TRIAL_SEED_OFFSET = 1000
@@ -62,8 +70,15 @@ class SearchSpec:
             raise ValueError("n_trials and seeds_per_trial must be >= 1")
 
 
-def open_storage(url: str):
-    """An Optuna storage from a URL; ``journal:///path`` selects the journal file storage."""
+def open_storage(url: str, heartbeat: int | None = None):
+    """An Optuna storage from a URL; ``journal:///path`` selects the journal file storage.
+
+    With ``heartbeat`` (seconds), database storages record a heartbeat for every running
+    trial; a trial whose worker died (no heartbeat for 3 intervals) is marked FAIL by the
+    next worker that looks, and retried once with the same lambda. Optuna's journal
+    storage has no heartbeat: there a dead worker's trial is failed only when a single
+    worker restarts the study (see ``fail_stale_trials``).
+    """
     import optuna
 
     if url.startswith("journal:///"):
@@ -74,7 +89,16 @@ def open_storage(url: str):
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
+    options = {}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if heartbeat:
+        options = {
+            "heartbeat_interval": heartbeat,
+            "grace_period": 3 * heartbeat,
+            "heartbeat_stale_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        }
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **options)
 
 
 def grid_values(low: float, high: float, n: int) -> list[float]:
@@ -93,7 +117,28 @@ def fail_stale_trials(study) -> int:
     return len(stale)
 
 
-def make_study(name: str, storage_url: str, spec: SearchSpec):
+def check_same_settings(study, base: RunConfig) -> None:
+    """A study belongs to one set of run settings: resuming it with others would mix trials.
+
+    The settings (everything but lambda and seed) are stored with the study when it is
+    created; a later worker with different settings is refused.
+    """
+    from ewcstab.config import ConfigError
+
+    settings = {k: v for k, v in base.resolved().to_dict().items() if k not in ("lam", "seed", "device", "data_root")}
+    stored = study.user_attrs.get("run_settings")
+    if stored is None:
+        study.set_user_attr("run_settings", settings)
+    elif stored != settings:
+        changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        diff = ", ".join(f"{k}: {stored.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"study {study.study_name!r} was run with other settings ({diff}); "
+            "delete its storage or use another study name"
+        )
+
+
+def make_study(name: str, storage_url: str, spec: SearchSpec, heartbeat: int | None = None):
     import optuna
 
     if spec.mode == "grid":
@@ -104,10 +149,20 @@ def make_study(name: str, storage_url: str, spec: SearchSpec):
         pruner = optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=1)
     else:
         pruner = optuna.pruners.NopPruner()
-    return optuna.create_study(
-        study_name=name, storage=open_storage(storage_url), sampler=sampler, pruner=pruner,
-        direction="maximize", load_if_exists=True,
-    )
+    # Workers started together race to create the storage's tables and the study; the
+    # losers see an integrity/operational error once, then find everything in place.
+    for attempt in range(6):
+        try:
+            return optuna.create_study(
+                study_name=name, storage=open_storage(storage_url, heartbeat), sampler=sampler, pruner=pruner,
+                direction="maximize", load_if_exists=True,
+            )
+        except Exception as err:  # sqlalchemy IntegrityError / OperationalError, optuna DuplicatedStudyError
+            if attempt == 5:
+                raise
+            log.info("storage busy (%s), retrying", type(err).__name__)
+            time.sleep(0.5 + random.random() * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def run_search(
@@ -118,8 +173,18 @@ def run_search(
     runs_dir: Path,
     single_worker: bool = True,
     progress: bool = False,
+    heartbeat: int | None = 60,
+    poll_seconds: float = 5.0,
 ):
-    """Run (or resume) the study until it holds ``spec.n_trials`` finished trials."""
+    """Run (or resume) the study until it holds exactly ``spec.n_trials`` finished trials.
+
+    Several workers (processes, cluster jobs) may run this on the same storage at once.
+    Trials are numbered atomically by the storage, so a trial runs only if fewer than
+    ``n_trials`` non-failed trials precede it; a surplus trial, started by a race between
+    workers, is marked FAIL with the user attribute ``surplus`` and never evaluated. A
+    worker with nothing left to start waits while other workers' trials are running, and
+    takes over a trial that fails (its worker died) instead of leaving the study short.
+    """
     import optuna
     from optuna.trial import TrialState
 
@@ -128,13 +193,22 @@ def run_search(
 
     spec.validate()
     base.validate()
-    study = make_study(name, storage_url, spec)
+    study = make_study(name, storage_url, spec, heartbeat)
+    check_same_settings(study, base)
     if single_worker:
         fail_stale_trials(study)
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
     n_tasks = base.resolved().n_tasks
 
+    class Surplus(Exception):
+        """This trial was started after the study already had enough trials."""
+
     def objective(trial: optuna.Trial) -> float:
+        ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != TrialState.FAIL]
+        trial.set_user_attr("worker", WORKER_ID)
+        if len(ahead) >= spec.n_trials:
+            trial.set_user_attr("surplus", True)
+            raise Surplus()
         if spec.mode == "grid":
             lam = trial.suggest_float("lam", min(spec.grid), max(spec.grid))
         else:
@@ -166,16 +240,17 @@ def run_search(
             trial.set_user_attr(f"final_mean_acc_seed{seed}", rec["final_mean_acc"])
         return float(np.mean(finals))
 
-    done = len(study.get_trials(deepcopy=False, states=finished_states))
-    remaining = spec.n_trials - done
-    log.info("study %s: %d of %d trials finished, %d to run", name, done, spec.n_trials, max(remaining, 0))
-    if remaining > 0:
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=finished_states)],
-            gc_after_trial=False,
-        )
+    def count(*states: TrialState) -> int:
+        return len(study.get_trials(deepcopy=False, states=states))
+
+    log.info("study %s: %d of %d trials finished", name, count(*finished_states), spec.n_trials)
+    while count(*finished_states) < spec.n_trials:
+        if count(*finished_states) + count(TrialState.RUNNING) >= spec.n_trials:
+            time.sleep(poll_seconds)  # others are running the last trials; take over any that fail
+            if heartbeat:
+                optuna.storages.fail_stale_trials(study)
+            continue
+        study.optimize(objective, n_trials=1, catch=(Surplus,), gc_after_trial=False)
     return study
 
 
@@ -211,13 +286,9 @@ def summarize(study, spec: SearchSpec, meta: dict[str, object]) -> tuple[dict[st
     return record, trials
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from ewcstab import provenance
-    from ewcstab.cli import config_from_args
-    from ewcstab.device import resolve_device
-    from ewcstab.io import write_json_atomic, write_text_atomic
+def _spec_from_args(args: argparse.Namespace) -> SearchSpec:
+    from ewcstab.config import ConfigError
 
-    base = config_from_args(args)
     grid = None
     if args.mode == "grid":
         grid = args.grid or grid_values(args.low, args.high, args.grid_n)
@@ -226,30 +297,63 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         spec.validate()
     except ValueError as err:
-        from ewcstab.config import ConfigError
-
         raise ConfigError(str(err)) from None
-    name = args.study_name or f"{base.arch}-{base.method}-{base.variant}"
-    runs_dir = Path(args.runs_dir)
-    study = run_search(name, args.storage, base, spec, runs_dir, single_worker=not args.shared, progress=not args.no_progress)
+    return spec
+
+
+def _write_summary(study, spec: SearchSpec, base: RunConfig, storage: str, out: str, trials_out: str) -> None:
+    from ewcstab import provenance
+    from ewcstab.device import resolve_device
+    from ewcstab.io import write_json_atomic, write_text_atomic
+
     meta = {
-        "arch": base.arch, "method": base.method, "variant": base.variant, "storage": args.storage,
+        "arch": base.arch, "method": base.method, "variant": base.variant, "storage": storage,
         "run_config": base.resolved().to_dict(),
         "provenance": {k: v for k, v in provenance.collect(resolve_device(base.device), {}, "").items()
                        if k in ("packages", "git", "device", "host", "created")},
     }
     record, trials = summarize(study, spec, meta)
-    write_text_atomic(args.trials_out, trials.to_csv(index=False))
-    write_json_atomic(args.out, record)
-    logging.info("best lambda %.6g (mean acc %.4f) -> %s", record["best_lambda"], record["best_value"], args.out)
+    write_text_atomic(trials_out, trials.to_csv(index=False))
+    write_json_atomic(out, record)
+    logging.info("best lambda %.6g (mean acc %.4f) -> %s", record["best_lambda"], record["best_value"], out)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ewcstab.cli import config_from_args
+    from ewcstab.io import write_json_atomic
+
+    base = config_from_args(args)
+    spec = _spec_from_args(args)
+    name = args.study_name or f"{base.arch}-{base.method}-{base.variant}"
+    study = run_search(name, args.storage, base, spec, Path(args.runs_dir), single_worker=not args.shared,
+                       progress=not args.no_progress, heartbeat=args.heartbeat or None)
+    if args.worker_out:
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == WORKER_ID]
+        write_json_atomic(args.worker_out, {
+            "study": name, "worker": WORKER_ID, "storage": args.storage,
+            "trials": [{"number": t.number, "state": t.state.name, "lam": t.params.get("lam")} for t in mine],
+        })
+    if args.out:
+        _write_summary(study, spec, base, args.storage, args.out, args.trials_out)
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def cmd_search_summary(args: argparse.Namespace) -> int:
+    import optuna
+
+    from ewcstab.cli import config_from_args
+
+    base = config_from_args(args)
+    spec = _spec_from_args(args)
+    name = args.study_name or f"{base.arch}-{base.method}-{base.variant}"
+    study = optuna.load_study(study_name=name, storage=open_storage(args.storage))
+    _write_summary(study, spec, base, args.storage, args.out, args.trials_out)
+    return 0
+
+
+def _add_search_arguments(p: argparse.ArgumentParser) -> None:
     from ewcstab.cli import add_run_arguments
 
-    p = sub.add_parser("search", help="Optuna search of lambda for one (arch, method, variant)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     p.add_argument("--mode", choices=("tpe", "grid"), default="tpe", help="tpe over log-lambda, or a grid sweep")
     p.add_argument("--low", type=float, required=True, help="smallest lambda (tpe: > 0)")
@@ -262,10 +366,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pruner", choices=("median", "none"), default="median", help="early stopping of trials (tpe)")
     p.add_argument("--storage", required=True, help="sqlite:///file.db, journal:///file.log, or a database URL")
     p.add_argument("--study-name", help="default: ARCH-METHOD-VARIANT")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run (or resume) an Optuna search of lambda for one (arch, method, variant)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_search_arguments(p)
     p.add_argument("--shared", action="store_true",
                    help="other workers share this study: do not fail RUNNING trials at start")
+    p.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between trial heartbeats (database storages; 0: off); a trial silent for "
+                        "3 heartbeats is failed and retried")
     p.add_argument("--runs-dir", required=True, help="folder for every trial's run records")
-    p.add_argument("--out", required=True, help="best-lambda JSON")
-    p.add_argument("--trials-out", required=True, help="CSV of all trials")
+    p.add_argument("--worker-out", help="JSON listing the trials this worker ran")
+    p.add_argument("--out", help="best-lambda JSON (single worker; else use search-summary)")
+    p.add_argument("--trials-out", help="CSV of all trials (with --out)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    q = sub.add_parser("search-summary", help="best lambda (JSON) and all trials (CSV) of a finished study")
+    _add_search_arguments(q)
+    q.add_argument("--out", required=True, help="best-lambda JSON")
+    q.add_argument("--trials-out", required=True, help="CSV of all trials")
+    q.set_defaults(func=cmd_search_summary)
