@@ -36,3 +36,25 @@ def synthetic_task(name: str, n_train: int, n_test: int, seed: int) -> Task:
 @pytest.fixture
 def synthetic_tasks() -> list[Task]:
     return [synthetic_task(f"syn{i}", 600, 200, seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory, data_root) -> Path:
+    """The workflow's default target (tables, figures, report pages) built once per session on
+    config/quick.yaml + tests/workflow_tiny.yaml in a temporary copy, for tests that read its results
+    (report, notebooks). Snakemake is called as ``snakemake ... --configfile config/quick.yaml tiny.yaml``."""
+    import shutil
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("wf_tiny")
+    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
+    shutil.copy(REPO / "tests" / "workflow_tiny.yaml", work / "tiny.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/quick.yaml", "tiny.yaml"],
+        cwd=work, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work

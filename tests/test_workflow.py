@@ -39,10 +39,9 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def finished(workdir, data_root) -> Path:
-    proc = snakemake(workdir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return workdir
+def finished(tiny_workflow) -> Path:
+    """The tiny workflow run of conftest.py (shared with the report and notebook tests)."""
+    return tiny_workflow
 
 
 def test_outputs_exist_parse_and_have_expected_rows(finished):

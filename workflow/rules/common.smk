@@ -187,8 +187,8 @@ def get_pruning_scopes():
 
 
 def get_paper_pruning(wildcards=None):
-    """The paper's pruning table, drawn beside ours if config names it (`paper_pruning`)."""
-    return config.get("paper_pruning") or []
+    """The paper's pruning table, drawn beside ours if config names it (`paper_pruning` or `pruning.paper`)."""
+    return config.get("paper_pruning") or config.get("pruning", {}).get("paper") or []
 
 
 def get_configfiles():

@@ -9,22 +9,22 @@ rule tune_lambda:
         cfg=RUN_CONFIG,
     output:
         SEARCH_WORKER,
-    params:
-        flags=get_search_flags,
-        storage=get_storage,
-        study_dir=get_study_dir,
-        shared=get_shared_flag,
     log:
         "logs/search/{arch}/{method}/{variant}/worker{worker}.log",
     benchmark:
         "benchmarks/search/{arch}/{method}/{variant}/worker{worker}.tsv"
+    conda:
+        ENV
     threads: get_resources("search").get("threads", 1)
     resources:
         mem_mb=get_resources("search").get("mem_mb", 4000),
         runtime=get_resources("search").get("runtime", 600),
         gpu=get_resources("search").get("gpu", 0),
-    conda:
-        ENV
+    params:
+        flags=get_search_flags,
+        storage=get_storage,
+        study_dir=get_study_dir,
+        shared=get_shared_flag,
     shell:
         "ewcstab search --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
         " --variant {wildcards.variant} {params.flags} --storage {params.storage:q}"
@@ -40,19 +40,19 @@ rule summarize_search:
     output:
         best=BEST_LAMBDA,
         trials=TRIALS,
-    params:
-        flags=get_search_flags,
-        storage=get_storage,
     log:
         "logs/search/{arch}/{method}/{variant}/summary.log",
     benchmark:
         "benchmarks/search/{arch}/{method}/{variant}/summary.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=get_resources("aggregate").get("mem_mb", 2000),
         runtime=get_resources("aggregate").get("runtime", 10),
-    conda:
-        ENV
+    params:
+        flags=get_search_flags,
+        storage=get_storage,
     shell:
         "ewcstab search-summary --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
         " --variant {wildcards.variant} {params.flags} --storage {params.storage:q}"

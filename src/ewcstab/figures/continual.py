@@ -1,0 +1,311 @@
+"""Figures of the paper's sections 2-3: the lambda search and the accuracy after each task.
+
+- ``plot_lambda_search``: mean accuracy after the last task against lambda (log scale), one panel
+  per importance method; every Optuna trial, original and stabilized overlaid, the final runs at
+  the chosen lambda (mean and 95% CI), the lambda = 0 baseline and the paper's best point.
+- ``plot_task_curves``: mean accuracy over tasks 1..t after learning task t, at the chosen lambda,
+  with 95% bands over the final seeds, the lambda = 0 baseline, and the paper's curves dashed.
+- ``plot_search_trials``: Optuna's view of each study, objective against lambda coloured by trial
+  number, so one sees where the sampler went and when.
+
+Each function draws one architecture (``arch``; optional when the data hold only one) and
+returns the matplotlib Figure; nothing is saved (``style.save_figure`` does that).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from ewcstab.figures import style
+from ewcstab.figures.tables import final_at_best, last_task_rows, paper_task_curves, task_curves
+from ewcstab.metrics import mean_ci95
+
+ACC_LABEL = "mean test accuracy after the last task"
+LAMBDA_LABEL = "λ, penalty strength (log scale)"
+#: y position (axes fraction) where trials without a value (diverged early) are drawn.
+BOTTOM = 0.03
+#: Original drawn wider than stabilized, so that a curve hidden under the other still shows at its edges.
+LINE_WIDTHS = {"original": 2.6, "stabilized": 1.4}
+#: Legend entries of plot_lambda_search that are marker kinds, not variants.
+_KINDS = {"complete", "pruned", "diverged", "final", "paper", "baseline"}
+
+
+def pick_arch(df: pd.DataFrame, arch: str | None, what: str) -> str:
+    """``arch`` if the data hold it; without one, the data's only arch."""
+    archs = sorted(df["arch"].dropna().unique())
+    if arch is None:
+        if len(archs) != 1:
+            raise ValueError(f"{what} hold archs {archs}: choose one with arch=")
+        return archs[0]
+    if arch not in archs:
+        raise ValueError(f"no {what} for arch {arch!r} (present: {archs})")
+    return arch
+
+
+def _trial_masks(t: pd.DataFrame) -> dict[str, pd.Series]:
+    diverged = t["diverged"].astype(bool)
+    return {
+        "complete": (t["state"] == "COMPLETE") & ~diverged,
+        "pruned": (t["state"] == "PRUNED") & ~diverged,
+        "diverged": diverged,
+    }
+
+
+def _finite(x) -> bool:
+    return x is not None and not pd.isna(x) and math.isfinite(float(x))
+
+
+def _arch_title(arch: str, n_tasks: int | None) -> str:
+    name = style.ARCH_NAMES.get(arch, arch)
+    return f"{name}, {n_tasks} tasks" if n_tasks else name
+
+
+def _n_tasks(runs: pd.DataFrame | None, arch: str) -> int | None:
+    if runs is None or runs.empty or "n_tasks" not in runs:
+        return None
+    sel = runs.loc[runs["arch"] == arch, "n_tasks"]
+    return int(sel.max()) if len(sel) else None
+
+
+def plot_lambda_search(
+    trials: pd.DataFrame,
+    runs: pd.DataFrame | None = None,
+    table1: pd.DataFrame | None = None,
+    arch: str | None = None,
+) -> Figure:
+    """Accuracy after the last task against lambda, one panel per method (paper sections 2-3).
+
+    ``trials``: ``tables.read_trials`` output. ``runs``: ``continual_runs.csv`` (final runs at the
+    chosen lambda as mean ± 95% CI, and the lambda = 0 baseline as a grey line and band).
+    ``table1``: ``table1_continual.csv`` (the paper's best lambda and accuracy ± 95% CI as a star).
+    Trials with lambda <= 0 (grid mode) cannot sit on the log axis; the baseline stands for them.
+    """
+    arch = pick_arch(trials, arch, "trials")
+    t = trials[(trials["arch"] == arch) & (trials["lam"] > 0)]
+    methods = style.ordered(t["method"].unique(), style.METHODS)
+    fig, axes = style.new_panels(len(methods), sharey=True)
+    finals = final_at_best(runs[runs["arch"] == arch]) if runs is not None else pd.DataFrame()
+    base = None
+    if runs is not None:
+        base_rows = runs[(runs["arch"] == arch) & (runs["role"] == "baseline")]
+        if len(base_rows):
+            last = last_task_rows(base_rows, "baseline")
+            base = mean_ci95(last.loc[~last["diverged"].astype(bool), "mean_acc"].dropna().to_numpy())
+    used: set[str] = set()
+    for ax, method in zip(axes, methods):
+        tm = t[t["method"] == method]
+        for variant in style.ordered(tm["variant"].unique(), style.VARIANTS):
+            used.add(variant)
+            c = style.color_of(variant, style.VARIANT_COLORS)
+            used |= _draw_trials(ax, tm[tm["variant"] == variant], c)
+            if len(finals):
+                f = finals[(finals["method"] == method) & (finals["variant"] == variant)]
+                used |= _draw_points(ax, f["lam"], f["mean_acc"], f["ci95"], "D", 7, c, "final")
+            if table1 is not None and "paper_best_lambda" in table1:
+                p = table1[(table1["arch"] == arch) & (table1["method"] == method) & (table1["variant"] == variant)]
+                used |= _draw_points(ax, p["paper_best_lambda"], p["paper_mean_acc_last"], p["paper_ci95_last"],
+                                     "*", 13, c, "paper")
+        if base is not None and _finite(base[0]):
+            ax.axhline(base[0], color=style.BASELINE_COLOR, ls=":", lw=1.5, zorder=1)
+            if _finite(base[1]):
+                ax.axhspan(base[0] - base[1], base[0] + base[1], color=style.BASELINE_COLOR, alpha=0.12, lw=0)
+            used.add("baseline")
+        style.log_axis(ax)
+        ax.set_title(style.METHOD_NAMES.get(method, method))
+        ax.set_xlabel(LAMBDA_LABEL)
+        style.percent_axis(ax.yaxis)
+        if style.first_in_row(ax):
+            ax.set_ylabel(ACC_LABEL)
+    fig.suptitle(f"Accuracy after the last task against λ: {_arch_title(arch, _n_tasks(runs, arch))}")
+    _legend(fig, used)
+    return fig
+
+
+def _draw_trials(ax, tv: pd.DataFrame, color: str) -> set[str]:
+    """One study's trials: complete (filled, joined by a thin line along lambda), stopped by the
+    pruner (open), diverged (crosses at the bottom). Returns the kinds drawn."""
+    tv = tv.sort_values("lam")
+    masks = _trial_masks(tv)
+    done, div = tv[masks["complete"]], tv[masks["diverged"]]
+    stopped = tv[masks["pruned"] & tv["value"].notna()]
+    ax.plot(done["lam"], done["value"], "-", color=color, lw=1, alpha=0.5)
+    ax.scatter(done["lam"], done["value"], s=28, color=color, edgecolor="white", linewidth=0.5, zorder=3)
+    if len(stopped):
+        ax.scatter(stopped["lam"], stopped["value"], s=28, facecolor="none", edgecolor=color, zorder=3)
+    if len(div):
+        ax.scatter(div["lam"], np.full(len(div), BOTTOM), marker="x", s=36, color=color, zorder=3,
+                   transform=ax.get_xaxis_transform(), clip_on=False)
+    return {k for k, part in (("complete", done), ("pruned", stopped), ("diverged", div)) if len(part)}
+
+
+def _draw_points(ax, lam, mean, half, marker: str, size: float, color: str, kind: str) -> set[str]:
+    """Mean ± 95% CI points at their lambda (final runs, the paper's best); skips undefined ones."""
+    drawn = set()
+    for x, y, h in zip(lam, mean, half):
+        if _finite(x) and _finite(y) and x > 0:
+            ax.errorbar(x, y, yerr=h if _finite(h) else None, fmt=marker, ms=size, color=color, mec="black",
+                        mew=0.8, capsize=4, zorder=6 if kind == "paper" else 5)
+            drawn.add(kind)
+    return drawn
+
+
+def _legend(fig: Figure, used: set[str]) -> None:
+    """One legend under the figure: colour = variant, marker = what a point is (only what is drawn)."""
+    grey = "#444444"
+    variants = [Line2D([], [], color=style.color_of(v, style.VARIANT_COLORS), lw=3, label=v)
+                for v in style.ordered(used - _KINDS, style.VARIANTS)]
+    kinds = [
+        ("complete", Line2D([], [], ls="", marker="o", color=grey, label="search trial (mean of its seeds)")),
+        ("pruned", Line2D([], [], ls="", marker="o", mfc="none", color=grey,
+                          label="trial stopped by the pruner (accuracy when stopped)")),
+        ("diverged", Line2D([], [], ls="", marker="x", color=grey, label="trial diverged (drawn at the bottom)")),
+        ("final", Line2D([], [], ls="", marker="D", color=grey, mec="black", label="final runs at chosen λ: mean ± 95% CI")),
+        ("paper", Line2D([], [], ls="", marker="*", ms=11, color=grey, mec="black", label="paper: best λ, accuracy ± 95% CI")),
+        ("baseline", Line2D([], [], ls=":", lw=1.5, color=style.BASELINE_COLOR, label="λ = 0, final seeds: mean ± 95% CI")),
+    ]
+    handles = variants + [h for k, h in kinds if k in used]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize="small")
+
+
+
+def plot_task_curves(runs: pd.DataFrame, paper: pd.DataFrame | None = None, arch: str | None = None) -> Figure:
+    """Mean accuracy over tasks 1..t after task t at the chosen lambda, one panel per method.
+
+    ``runs``: ``continual_runs.csv``; the final runs of each (method, variant) give the solid line
+    and its 95% band over seeds, the baseline runs (lambda = 0) the grey one. ``paper``: the
+    paper's ``paper_continual.csv``; its curve at its best lambda is dashed in the variant's colour
+    and its lambda = 0 accuracy after the last task is an open square. Diverged runs are left out
+    and counted in the panel.
+    """
+    arch = pick_arch(runs, arch, "runs")
+    curves = task_curves(runs[runs["arch"] == arch], "final")
+    base = task_curves(runs[runs["arch"] == arch], "baseline")
+    methods = style.ordered(curves["method"].unique(), style.METHODS)
+    if not methods:
+        raise ValueError(f"no final runs for arch {arch!r}")
+    ref = paper_task_curves(paper[paper["arch"] == arch]) if paper is not None else None
+    fig, axes = style.new_panels(len(methods), sharey=True)
+    used: set[str] = set()
+    for ax, method in zip(axes, methods):
+        lams = []
+        if len(base):
+            _line_band(ax, base, style.BASELINE_COLOR, "-", "o", alpha=0.12)
+            used.add("baseline")
+        for variant in style.ordered(curves.loc[curves["method"] == method, "variant"].unique(), style.VARIANTS):
+            c = style.color_of(variant, style.VARIANT_COLORS)
+            cv = curves[(curves["method"] == method) & (curves["variant"] == variant)]
+            _line_band(ax, cv, c, "-", "o", lw=LINE_WIDTHS.get(variant, 1.8))
+            used.add(variant)
+            lams.append(f"{variant} {cv['lam'].iloc[0]:.3g}")
+            if cv["n_diverged"].iloc[0]:
+                ax.text(0.02, 0.02 + 0.07 * len(lams), f"{variant}: {cv['n_diverged'].iloc[0]} diverged runs left out",
+                        transform=ax.transAxes, fontsize="x-small", color=c)
+            if ref is not None:
+                pv = ref[(ref["method"] == method) & (ref["variant"] == variant)]
+                if len(pv):
+                    ax.plot(pv["after_task"], pv["mean_acc"], "--", color=c, lw=LINE_WIDTHS.get(variant, 1.8) * 0.8)
+                    used.add("paper")
+                p0 = paper[(paper["arch"] == arch) & (paper["method"] == method) & (paper["variant"] == variant)]
+                for _, r in p0.iterrows():
+                    if _finite(r.get("acc_lambda0")) and len(pv):
+                        ax.plot(pv["after_task"].max(), r["acc_lambda0"], "s", mfc="none", mec=c, ms=7, mew=1.5)
+                        used.add("paper0")
+        ax.set_title(f"{style.METHOD_NAMES.get(method, method)}\nλ: {', '.join(lams)}", fontsize="medium")
+        ax.set_xlabel("tasks learned, t")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        style.percent_axis(ax.yaxis)
+        if style.first_in_row(ax):
+            ax.set_ylabel("mean test accuracy on tasks 1..t")
+    fig.suptitle(f"Accuracy after each task at the chosen λ: {_arch_title(arch, _n_tasks(runs, arch))}")
+    grey = "#444444"
+    handles = [Line2D([], [], color=style.color_of(v, style.VARIANT_COLORS), marker="o", label=f"ours: {v}, mean ± 95% CI")
+               for v in style.ordered(used - {"baseline", "paper", "paper0"}, style.VARIANTS)]
+    if "baseline" in used:
+        handles.append(Line2D([], [], color=style.BASELINE_COLOR, marker="o", label="ours: λ = 0 (no penalty)"))
+    if "paper" in used:
+        handles.append(Line2D([], [], color=grey, ls="--", label="paper, its best λ (20 runs)"))
+    if "paper0" in used:
+        handles.append(Line2D([], [], color=grey, ls="", marker="s", mfc="none", label="paper: λ = 0 after the last task"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize="small")
+    return fig
+
+
+def _line_band(ax, df: pd.DataFrame, color: str, ls: str, marker: str, alpha: float = 0.2, lw: float = 1.8) -> None:
+    """Mean line with its 95% band (no band where the half-width is undefined, n = 1)."""
+    df = df.sort_values("after_task")
+    x, m, h = df["after_task"].to_numpy(), df["mean_acc"].to_numpy(float), df["ci95"].to_numpy(float)
+    ax.plot(x, m, ls=ls, marker=marker, ms=4, color=color, lw=lw)
+    if np.isfinite(h).any():
+        ax.fill_between(x, m - h, m + h, color=color, alpha=alpha, lw=0)
+
+
+def plot_search_trials(trials: pd.DataFrame, arch: str | None = None, cmap: str = "viridis") -> Figure:
+    """Optuna's view of every study of one arch: objective against lambda, colour = trial number.
+
+    One panel per (variant, method) that has trials (rows: variants, columns: methods; a missing
+    combination is left out). Circles are complete trials, triangles trials stopped by the pruner
+    (at their last reported value), crosses diverged trials (at the bottom); the best trial is ringed.
+    """
+    arch = pick_arch(trials, arch, "trials")
+    t = trials[(trials["arch"] == arch) & (trials["lam"] > 0)]
+    methods = style.ordered(t["method"].unique(), style.METHODS)
+    variants = style.ordered(t["variant"].unique(), style.VARIANTS)
+    fig, axes = style.new_figure(len(variants), len(methods), panel=(3.4, 2.8), sharey=True)
+    norm = Normalize(vmin=0, vmax=max(1, int(t["number"].max())))
+    colormap = colormaps[cmap]
+    used: set[str] = set()
+    kept = []
+    for i, variant in enumerate(variants):
+        for j, method in enumerate(methods):
+            ax = axes[i][j]
+            tv = t[(t["method"] == method) & (t["variant"] == variant)]
+            if tv.empty:
+                ax.remove()
+                continue
+            kept.append(ax)
+            masks = _trial_masks(tv)
+            done, stopped, div = tv[masks["complete"]], tv[masks["pruned"] & tv["value"].notna()], tv[masks["diverged"]]
+            for part, marker, kind in ((done, "o", "complete"), (stopped, "^", "pruned")):
+                if len(part):
+                    ax.scatter(part["lam"], part["value"], c=colormap(norm(part["number"])), marker=marker, s=34,
+                               edgecolor="black", linewidth=0.4, zorder=3)
+                    used.add(kind)
+            if len(div):
+                ax.scatter(div["lam"], np.full(len(div), BOTTOM), c=colormap(norm(div["number"])), marker="X", s=44,
+                           edgecolor="black", linewidth=0.4, transform=ax.get_xaxis_transform(), clip_on=False, zorder=3)
+                used.add("diverged")
+            if len(done):
+                best = done.loc[done["value"].idxmax()]
+                ax.scatter([best["lam"]], [best["value"]], s=170, facecolor="none", edgecolor="#D62728", linewidth=1.6,
+                           zorder=4)
+                used.add("best")
+            style.log_axis(ax)
+            ax.set_title(f"{style.METHOD_NAMES.get(method, method)}, {variant}", fontsize="medium")
+            ax.set_xlabel(LAMBDA_LABEL if i == len(variants) - 1 else "")
+            style.percent_axis(ax.yaxis)
+            if j == 0:
+                ax.set_ylabel("objective: mean accuracy\nafter the last task")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=kept, label="trial number (order of sampling)",
+                       shrink=0.9)
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    fig.suptitle(f"Optuna searches of λ, trial by trial: {_arch_title(arch, None)}")
+    grey = "#888888"
+    kinds = [
+        ("complete", Line2D([], [], ls="", marker="o", color=grey, mec="black", label="complete trial")),
+        ("pruned", Line2D([], [], ls="", marker="^", color=grey, mec="black", label="stopped by the pruner (last reported value)")),
+        ("diverged", Line2D([], [], ls="", marker="X", color=grey, mec="black", label="diverged (drawn at the bottom)")),
+        ("best", Line2D([], [], ls="", marker="o", ms=11, mfc="none", mec="#D62728", mew=1.6, label="best trial (chosen λ)")),
+    ]
+    handles = [h for k, h in kinds if k in used]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize="small")
+    return fig

@@ -1,0 +1,18 @@
+"""Optuna's view of every lambda search of one arch (thin wrapper of ewcstab.figures)."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects this object)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+from ewcstab import figures  # noqa: E402
+
+figures.set_style()
+fig = figures.plot_search_trials(
+    figures.read_trials(snakemake.input.trials),  # noqa: F821
+    arch=snakemake.wildcards.arch,  # noqa: F821
+)
+figures.save_figure(fig, snakemake.output.png, snakemake.output.pdf)  # noqa: F821
