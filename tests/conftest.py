@@ -12,6 +12,10 @@ from ewcstab.interfaces import Task
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tests train tiny models: one thread avoids oversubscribing the CPU when Snakemake
+# jobs run beside them (2 threads on a loaded 2-core machine were 30x slower here).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:

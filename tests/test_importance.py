@@ -289,7 +289,8 @@ def test_signal_attention_matches_hand_computation():
     with torch.no_grad():
         for n in range(x.shape[0]):
             img = x[n, 0]
-            patches = torch.stack([img[r : r + 2, c : c + 2].reshape(-1) for r in (0, 2) for c in (0, 2)])  # (4 tokens, 4 pixels)
+            # (4 tokens, 4 pixels), tokens in row-major patch order like the conv's flatten
+            patches = torch.stack([img[r : r + 2, c : c + 2].reshape(-1) for r in (0, 2) for c in (0, 2)])
             proj = model.embed.proj
             tokens = patches @ proj.weight.reshape(4, 4).T + proj.bias  # (T, D)
             see("embed.proj", patches, tokens)

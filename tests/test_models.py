@@ -41,7 +41,9 @@ def test_cnn_layer_shapes_follow_the_protocol():
     model = CNN().eval()
     seen = {}
     for name in ("conv1", "conv2", "conv3"):
-        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0].shape, o.shape)))
+        getattr(model, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, (i[0].shape, o.shape))
+        )
     model(torch.rand(2, 1, 28, 28))
     assert seen["conv1"] == ((2, 1, 28, 28), (2, 64, 24, 24))
     assert seen["conv2"] == ((2, 64, 12, 12), (2, 128, 10, 10))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_outputs_exist_parse_and_have_expected_rows(finished):
     assert rec["config"]["lam"] == pytest.approx(
         json.loads((finished / "results/search/mlp/mas/original/best_lambda.json").read_text())["best_lambda"]
     )
-    assert (finished / "logs/search/mlp/mas/original.log").exists()
+    assert (finished / "logs/search/mlp/mas/original/worker0.log").exists()
     assert (finished / "benchmarks/runs/mlp/baseline/seed0.tsv").exists()
 
 
@@ -110,10 +111,11 @@ def test_default_config_lists_the_whole_paper_reproduction(workdir):
     proc = subprocess.run([*SNAKEMAKE, "-n", "--cores", "1"], cwd=workdir, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.MULTILINE)}
     # mlp: 4 methods x 2 variants; cnn: 3 methods x 2 variants = 14 studies, 20 seeds each, 2 baselines
-    assert "tune_lambda             14" in out
-    assert "train_final            280" in out
-    assert "train_baseline          40" in out
+    assert counts["tune_lambda"] == 14 and counts["summarize_search"] == 14
+    assert counts["train_final"] == 280
+    assert counts["train_baseline"] == 40
 
 
 def test_lint_and_format_are_clean():

@@ -54,6 +54,8 @@ class RunConfig:
     download: let torchvision download missing data.
     eval_batch_size: batch for test-set evaluation (no effect on results).
     divergence_check_every: steps between host checks of the device-side NaN flag.
+    blowup_factor, blowup_cap: a finite loss above min(cap, factor * max(first loss of the task,
+        ln 10)) also counts as divergence ('loss blow-up'); .inf switches the rule off.
     """
 
     arch: str = "mlp"
@@ -80,6 +82,8 @@ class RunConfig:
     download: bool = True
     eval_batch_size: int = 2000
     divergence_check_every: int = 50
+    blowup_factor: float = 100.0
+    blowup_cap: float = 1e4
 
     # ------------------------------------------------------------------ #
     @classmethod
@@ -150,6 +154,10 @@ class RunConfig:
         _number("lr", self.lr, minimum=0.0, exclusive=True)
         _number("clip_norm", self.clip_norm, minimum=0.0, exclusive=True)
         _number("si_xi", self.si_xi, minimum=0.0, exclusive=True)
+        for name in ("blowup_factor", "blowup_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
+                raise ConfigError(f"{name}: {value!r} is not allowed; allowed: a number > 1 (or .inf: off)")
         if self.alpha is not None:
             _number("alpha", self.alpha, minimum=0.0, exclusive=True)
         for name in ("seed", "perm_seed"):

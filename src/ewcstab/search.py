@@ -95,7 +95,7 @@ def open_storage(url: str, heartbeat: int | None = None):
         options = {
             "heartbeat_interval": heartbeat,
             "grace_period": 3 * heartbeat,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         }
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     return optuna.storages.RDBStorage(url, engine_kwargs=engine, **options)

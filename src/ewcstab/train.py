@@ -62,6 +62,11 @@ class RunOutcome:
     divergence_rule: dict[str, float] = field(default_factory=DEFAULT_BLOWUP.to_dict)
 
 
+def blowup_rule(cfg: RunConfig) -> BlowupRule:
+    """The loss blow-up rule of a config (see ``telemetry.BlowupRule``)."""
+    return BlowupRule(factor=cfg.blowup_factor, cap=cfg.blowup_cap)
+
+
 def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         try:
@@ -103,7 +108,8 @@ def train_task(
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if monitor is None:
-        monitor = TaskMonitor(task_index, total_steps, task.train_x.device, penalty.step_gain(), penalty.clip_norm, blowup)
+        device = task.train_x.device
+        monitor = TaskMonitor(task_index, total_steps, device, penalty.step_gain(), penalty.clip_norm, blowup)
     check = cfg.divergence_check_every
     model.train()
     importance.begin_task(model)
@@ -154,7 +160,7 @@ def run_sequence(
     progress: bool = False,
     after_task: AfterTask | None = None,
     trace: bool = False,
-    blowup: BlowupRule = DEFAULT_BLOWUP,
+    blowup: BlowupRule | None = None,
 ) -> RunOutcome:
     """Train one continual-learning run over ``tasks`` with config ``cfg``.
 
@@ -173,6 +179,7 @@ def run_sequence(
     generator = torch.Generator().manual_seed(cfg.seed)
     omega: ParamDict = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
 
+    blowup = blowup or blowup_rule(cfg)
     outcome = RunOutcome(telemetry_trace=[] if trace else None, divergence_rule=blowup.to_dict())
     for t, task in enumerate(tasks, start=1):
         n_steps = cfg.epochs * math.ceil(task.train_x.shape[0] / cfg.batch_size)
@@ -218,7 +225,7 @@ def execute(
     progress: bool = False,
     after_task: AfterTask | None = None,
     trace: bool = False,
-    blowup: BlowupRule = DEFAULT_BLOWUP,
+    blowup: BlowupRule | None = None,
 ) -> dict[str, object]:
     """Load the data, run, and return the run record (see ``record``); ``trace``: add per-step telemetry."""
     cfg.validate()

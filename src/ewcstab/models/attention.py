@@ -14,6 +14,9 @@ layers; this is the self-attention network we test that claim on. Design, and wh
   -> 64 with GELU. Attention is written out with explicit ``nn.Linear`` q/k/v/out projections (not
   ``nn.MultiheadAttention``), so per-layer pruning and the signal importance see each projection as
   an ordinary linear layer, and ``torch.func`` (vmap/grad/functional_call) handles the model.
+- The key projection keeps its bias (PyTorch's default) although it has no effect: q.b_k is the same
+  for every key, and softmax ignores a shift shared by all keys, so its gradient (hence its Fisher/MAS
+  importance) is exactly zero. Every parameter is protected and counted all the same.
 - No dropout: the protocol trains 6 epochs with Adam and importances are per-sample and
   deterministic in eval mode.
 - Final LayerNorm on the tokens, mean over tokens, linear head 64 -> 10 (one head shared by all tasks).

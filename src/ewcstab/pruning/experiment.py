@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -109,7 +110,9 @@ class PruneConfig:
     def validate(self) -> None:
         self.training_config()
         if self.importance_data not in IMPORTANCE_DATA:
-            raise ConfigError(f"importance_data: {self.importance_data!r} is not allowed; allowed: {', '.join(IMPORTANCE_DATA)}")
+            raise ConfigError(
+                f"importance_data: {self.importance_data!r} is not allowed; allowed: {', '.join(IMPORTANCE_DATA)}"
+            )
         for name in self.importances:
             if name not in IMPORTANCE_REGISTRY:
                 raise ConfigError(f"importances: {name!r} is not allowed; allowed: {', '.join(IMPORTANCE_REGISTRY)}")
@@ -121,7 +124,9 @@ class PruneConfig:
         if not self.scopes or len(set(self.scopes)) != len(self.scopes):
             raise ConfigError(f"scopes: {list(self.scopes)} must be a non-empty list without repeats")
         if self.curve_method not in CURVE_METHODS:
-            raise ConfigError(f"curve_method: {self.curve_method!r} is not allowed; allowed: {', '.join(CURVE_METHODS)}")
+            raise ConfigError(
+                f"curve_method: {self.curve_method!r} is not allowed; allowed: {', '.join(CURVE_METHODS)}"
+            )
         if isinstance(self.heldout_size, bool) or not isinstance(self.heldout_size, int) or self.heldout_size < 1:
             raise ConfigError(f"heldout_size: {self.heldout_size!r} must be an integer >= 1")
         try:
@@ -175,8 +180,9 @@ def split_for_importance(task: Task, importance_data: str, heldout_size: int) ->
     n = task.train_x.shape[0]
     if heldout_size >= n:
         raise ConfigError(f"heldout_size: {heldout_size} leaves no training data out of {n} training images")
-    train = dataclasses.replace(task, train_x=task.train_x[: n - heldout_size], train_y=task.train_y[: n - heldout_size])
-    return train, task.train_x[n - heldout_size :], task.train_y[n - heldout_size :]
+    keep = n - heldout_size
+    train = dataclasses.replace(task, train_x=task.train_x[:keep], train_y=task.train_y[:keep])
+    return train, task.train_x[keep:], task.train_y[keep:]
 
 
 def train_network(
@@ -254,9 +260,9 @@ def prune_network(
     return result
 
 
-def _index_of(grid: Any, value: float) -> int:
+def _index_of(grid: np.ndarray, value: float) -> int:
     """Index of the grid point nearest to ``value`` (for log lines)."""
-    return int(abs(pd.Series(grid) - value).idxmin())
+    return int(np.abs(grid - value).argmin())
 
 
 def load_task(cfg: PruneConfig, device: torch.device) -> tuple[Task, Path]:
@@ -303,7 +309,9 @@ def metadata_path(curves_path: str | Path) -> Path:
     return path.with_suffix(".json")
 
 
-def write_curves(curves: pd.DataFrame, meta: dict[str, Any], path: str | Path, meta_path: str | Path | None = None) -> Path:
+def write_curves(
+    curves: pd.DataFrame, meta: dict[str, Any], path: str | Path, meta_path: str | Path | None = None
+) -> Path:
     """Write the curve table (CSV) and its metadata (JSON), each atomically; returns the metadata path.
 
     Accuracies are written with full float precision (``repr``), so tables re-read bit-exactly.

@@ -103,7 +103,9 @@ def group_scores(importances: ParamDict, group: PruneGroup, model: nn.Module) ->
             raise KeyError(f"no importance for parameter {name!r}; importances cover {sorted(importances)}")
         score = importances[name].detach()
         if score.shape != params[name].shape:
-            raise ValueError(f"importance of {name!r} has shape {tuple(score.shape)}, parameter {tuple(params[name].shape)}")
+            raise ValueError(
+                f"importance of {name!r} has shape {tuple(score.shape)}, parameter {tuple(params[name].shape)}"
+            )
         if bool(torch.isnan(score).any()):
             raise ValueError(f"importance of {name!r} contains NaN; a NaN cannot be ranked")
         scores.append(score)

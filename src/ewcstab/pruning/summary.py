@@ -108,7 +108,7 @@ def thresholds_table(
             ref = paper[(paper["importance"] == importance) & (paper["scope"] == scope)]
             ref = ref if len(ref) else None
         for tol in tolerances:
-            row = dict(zip(GROUP, key), tolerance=tol, acc_unpruned=float(a[s == 0.0][0]) if (s == 0.0).any() else np.nan)
+            row = dict(zip(GROUP, key), tolerance=tol, acc_unpruned=float(a[s == 0.0][0]))
             row["threshold"] = threshold_sparsity(s, a, tol)
             row.update(threshold_paper_grid=np.nan, paper_acc_unpruned=np.nan, paper_threshold=np.nan, paper_grid="")
             if ref is not None:
@@ -155,6 +155,16 @@ def markdown_table(df: pd.DataFrame, columns: list[str], headers: list[str] | No
     return "\n".join(lines)
 
 
+def _pm(mean: float, half: float) -> str:
+    """'mean ± half-width', 'mean' without a half-width, 'n/a' without a mean."""
+    if np.isnan(mean):
+        return "n/a"
+    return f"{mean:.4f}" if np.isnan(half) else f"{mean:.4f} ± {half:.4f}"
+
+
+THRESHOLD_HEADS = (("threshold", "ours"), ("threshold_paper_grid", "ours (paper grid)"), ("paper_threshold", "paper"))
+
+
 def thresholds_markdown(thresholds: pd.DataFrame, comparison: pd.DataFrame | None = None) -> str:
     """The threshold table (ours vs the paper) and, optionally, accuracies at selected sparsities."""
     parts = [
@@ -167,24 +177,27 @@ def thresholds_markdown(thresholds: pd.DataFrame, comparison: pd.DataFrame | Non
         "so they are directly comparable; the paper's setting is arch mlp with importances on the test set.",
         "",
     ]
-    wide = thresholds.pivot_table(
-        index=GROUP, columns="tolerance",
-        values=["threshold", "threshold_paper_grid", "paper_threshold"], aggfunc="first",
-    )
-    wide.columns = [f"{v}@{t:g}" for v, t in wide.columns]
-    wide = wide.reset_index()
+    tolerances = sorted(thresholds["tolerance"].unique())
+    rows = []
+    for key, part in thresholds.groupby(GROUP, sort=True):  # one row per curve, one column set per tolerance
+        row = dict(zip(GROUP, key))
+        for tol in tolerances:
+            at = part[part["tolerance"] == tol].iloc[0]
+            row.update({f"{value}@{tol:g}": at[value] for value, _ in THRESHOLD_HEADS})
+        rows.append(row)
+    wide = pd.DataFrame(rows)
     cols, heads = list(GROUP), ["arch", "importance data", "importance", "scope"]
-    for tol in sorted(thresholds["tolerance"].unique()):
-        for v, h in (("threshold", "ours"), ("threshold_paper_grid", "ours (paper grid)"), ("paper_threshold", "paper")):
-            cols.append(f"{v}@{tol:g}")
-            heads.append(f"{h}, d={tol:g}")
+    for tol in tolerances:
+        for value, head in THRESHOLD_HEADS:
+            cols.append(f"{value}@{tol:g}")
+            heads.append(f"{head}, d={tol:g}")
     parts.append(markdown_table(wide, cols, heads))
     if comparison is not None and len(comparison):
         parts += ["", "## Mean test accuracy at selected sparsities (± 95% half-width)", ""]
         comp = comparison.assign(
-            ours=[f"{m:.4f} ± {c:.4f}" if not np.isnan(c) else f"{m:.4f}" for m, c in zip(comparison["mean_acc"], comparison["ci95"])],
-            paper=[("n/a" if np.isnan(m) else f"{m:.4f} ± {c:.4f}") for m, c in zip(comparison["paper_mean_acc"], comparison["paper_ci95"])],
+            ours=[_pm(m, c) for m, c in zip(comparison["mean_acc"], comparison["ci95"])],
+            paper=[_pm(m, c) for m, c in zip(comparison["paper_mean_acc"], comparison["paper_ci95"])],
         )
-        parts.append(markdown_table(comp, GROUP + ["sparsity", "n_runs", "ours", "paper"],
-                                    ["arch", "importance data", "importance", "scope", "sparsity", "networks", "ours", "paper"]))
+        heads = ["arch", "importance data", "importance", "scope", "sparsity", "networks", "ours", "paper"]
+        parts.append(markdown_table(comp, GROUP + ["sparsity", "n_runs", "ours", "paper"], heads))
     return "\n".join(parts) + "\n"

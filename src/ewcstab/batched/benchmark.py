@@ -1,0 +1,159 @@
+"""``ewcstab benchmark-batched``: seconds per paper-protocol MLP run, single-run path vs the batched engine.
+
+Measures both engines on the first ``--tasks`` tasks with ``--epochs`` epochs each (default 2 x 1 of the
+full 60,000 training samples: task 1 trains without and task 2 with the penalty, and one importance is
+computed) and extrapolates each run to the full protocol (PROTOCOL.md: 10 tasks x 6 epochs x 600 steps,
+9 importances, 55 test-set evaluations):
+
+    seconds/run = s_1 * S + s_2+ * 9 S + importance * 9 + eval_per_test_set * 55,   S = 3,600 steps per task
+
+with s_1 / s_2+ the measured seconds per step of task 1 / later tasks (per run: a batch's time divided
+by its R runs) and eval_per_test_set the rest of the measured wall time per evaluated test set.
+
+The floor: the FLOPs of one full run, i.e. per step forward 2 B sum(in*out) and backward ~2x forward,
+times 36,000 steps, plus the 55 test-set evaluations (forward) and the 9 importances (forward +
+backward for fisher/mas, forward for signal), divided by the measured float32 throughput of one large
+``torch.mm`` with the same thread count. Reported: seconds per run, runs per hour, and seconds per run /
+floor (the issue's target: at most 1.5 for the batched engine). Timings depend on the machine and on
+what else runs on it: the load average before and after each measurement is reported with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import torch
+
+from ewcstab.cli import add_run_arguments, config_from_args
+
+FULL_TASKS, FULL_EPOCHS, FULL_TRAIN, FULL_TEST = 10, 6, 60_000, 10_000
+IMPORTANCE_FORWARDS = {"fisher": 3.0, "mas": 3.0, "signal": 1.0, "si": 0.0}  # forward-pass equivalents per sample
+
+
+def matmul_throughput(size: int = 2048, reps: int = 10) -> dict[str, float]:
+    """FLOP/s of a (size x size) @ (size x size) float32 torch.mm on this machine's current threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    flops = 2.0 * size**3
+    return {"best": flops / min(times), "median": flops / statistics.median(times), "size": size, "reps": reps}
+
+
+def protocol_flops(method: str, widths: tuple[int, ...] = (784, 300, 150, 10), batch: int = 100) -> dict[str, float]:
+    """FLOPs of one full paper-protocol MLP run (weights' multiply-adds; biases and activations neglected)."""
+    macs = sum(a * b for a, b in zip(widths[:-1], widths[1:]))  # per sample: 281,700 for the paper's MLP
+    forward = 2.0 * macs
+    steps = FULL_TASKS * FULL_EPOCHS * math.ceil(FULL_TRAIN / batch)
+    train = steps * 3.0 * forward * batch  # forward + backward (~2x forward)
+    evaluation = sum(range(1, FULL_TASKS + 1)) * FULL_TEST * forward
+    importance = (FULL_TASKS - 1) * 5000 * forward * IMPORTANCE_FORWARDS[method]
+    return {"train": train, "evaluation": evaluation, "importance": importance,
+            "total": train + evaluation + importance, "steps": steps}
+
+
+def extrapolate(train: list[float], importance: list[float], wall: float, steps_per_task: int) -> dict[str, float]:
+    """One run's measured seconds (per task) -> seconds of a full protocol run (module docstring)."""
+    first = train[0] / steps_per_task
+    later = sum(train[1:]) / (len(train) - 1) / steps_per_task if len(train) > 1 else first
+    imp = sum(importance) / len(importance) if importance else 0.0
+    test_sets = sum(range(1, len(train) + 1))
+    per_eval = max(wall - sum(train) - sum(importance), 0.0) / test_sets
+    full_steps = FULL_EPOCHS * math.ceil(FULL_TRAIN / 100)
+    seconds = first * full_steps + later * full_steps * (FULL_TASKS - 1) + imp * (FULL_TASKS - 1) + per_eval * 55
+    return {"step_seconds_task1": first, "step_seconds_later": later, "importance_seconds": imp,
+            "eval_seconds_per_test_set": per_eval, "full_run_seconds": seconds}
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
+    from ewcstab.batched import train_batched
+    from ewcstab.data import build_tasks, resolve_data_root
+    from ewcstab.device import resolve_device, synchronize
+    from ewcstab.train import run_sequence
+
+    cfg = config_from_args(args)
+    if args.lam is None:
+        cfg = cfg.replace(lam=1.0)
+    resolved = cfg.resolved()
+    device = resolve_device(cfg.device)
+    tasks = build_tasks(resolved.sequence, resolved.n_tasks, cfg.perm_seed, resolve_data_root(cfg.data_root), device,
+                        cfg.train_subset, cfg.test_subset, cfg.download)
+    steps_per_task = cfg.epochs * math.ceil(tasks[0].train_x.shape[0] / cfg.batch_size)
+    flops = protocol_flops(cfg.method, batch=cfg.batch_size)
+    mm = matmul_throughput(args.matmul_size)
+    floor = flops["total"] / mm["best"]
+    floor_median = flops["total"] / mm["median"]
+    threads = torch.get_num_threads()
+    print(f"threads {threads}; matmul {mm['best'] / 1e9:.1f} GFLOP/s best, {mm['median'] / 1e9:.1f} median; "
+          f"one full run = {flops['total'] / 1e12:.2f} TFLOP -> floor {floor:.1f} s/run "
+          f"({floor_median:.1f} s at the median throughput)", flush=True)
+    print(f"measuring {len(tasks)} task(s) x {cfg.epochs} epoch(s) x {steps_per_task} steps per run, "
+          f"{cfg.method}/{cfg.variant}; extrapolated to {FULL_TASKS} x {FULL_EPOCHS} x 600", flush=True)
+
+    rows: list[dict[str, object]] = []
+
+    def report(engine: str, runs: int, train: list[float], imp: list[float], wall: float, load: tuple[float, float]):
+        ext = extrapolate(train, imp, wall, steps_per_task)
+        row = {"engine": engine, "runs": runs, "measured_wall_seconds": wall * runs, **ext,
+               "runs_per_hour": 3600.0 / ext["full_run_seconds"], "floor_ratio": ext["full_run_seconds"] / floor,
+               "load_before": load[0], "load_after": load[1]}
+        rows.append(row)
+        print(f"{engine:>7} R={runs:<3} {ext['full_run_seconds']:8.1f} s/run  {row['runs_per_hour']:7.1f} runs/h  "
+              f"{row['floor_ratio']:5.2f}x floor  (step {ext['step_seconds_later'] * 1e3:.2f} ms/run, measured "
+              f"{wall * runs:.1f} s, load {load[0]:.1f} -> {load[1]:.1f})", flush=True)
+
+    if not args.no_single:
+        load = _load()
+        synchronize(device)
+        start = time.perf_counter()
+        out = run_sequence(cfg, tasks, device)
+        synchronize(device)
+        report("single", 1, out.train_seconds, out.importance_seconds, time.perf_counter() - start, (load, _load()))
+    for runs in args.runs:
+        cfgs = [cfg.replace(seed=cfg.seed + i) for i in range(runs)]
+        load = _load()
+        synchronize(device)
+        start = time.perf_counter()
+        outs = train_batched(cfgs, tasks, device)
+        synchronize(device)
+        wall = (time.perf_counter() - start) / runs
+        report("batched", runs, outs[0].train_seconds, outs[0].importance_seconds, wall, (load, _load()))
+    return {"threads": threads, "device": str(device), "matmul_flops": mm, "protocol_flops": flops,
+            "floor_seconds": floor, "floor_seconds_median_matmul": floor_median,
+            "measured": {"tasks": len(tasks), "epochs": cfg.epochs, "steps_per_task": steps_per_task,
+                         "method": cfg.method, "variant": cfg.variant},
+            "rows": rows}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark-batched", help="seconds per MLP run: single-run path vs batched engine vs matmul floor",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p)
+    p.set_defaults(tasks=2, epochs=1)
+    p.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes R to time")
+    p.add_argument("--no-single", action="store_true", help="skip the single-run baseline")
+    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n torch.mm timing the floor")
+    p.add_argument("--json", metavar="FILE", help="also write the timings as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.arch not in (None, "mlp"):
+            raise SystemExit("benchmark-batched: the batched engine (and the floor) is the MLP's; use --arch mlp")
+        result = benchmark_batched(args)
+        if args.json:
+            from ewcstab.io import write_json_atomic
+
+            write_json_atomic(args.json, result)
+        return 0
+
+    p.set_defaults(func=run)

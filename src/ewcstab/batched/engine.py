@@ -1,0 +1,339 @@
+"""R continual-learning runs trained as one batched computation (issue 8).
+
+The runs of a batch share everything but ``seed`` and ``lam`` (architecture, method, variant, task
+sequence, optimizer settings, ...); ``check_batchable`` refuses anything else, naming the field. Each run
+follows the single-run protocol of ``ewcstab.train.run_sequence`` (PROTOCOL.md) exactly:
+
+- initial parameters: ``torch.manual_seed(seed); build_model(arch)``, built run by run, then stacked;
+- data order: the run's own ``torch.Generator().manual_seed(seed)`` and one ``torch.randperm`` per
+  epoch; a step gathers every run's batch in one indexing op, x[(R, B) indices] -> (R, B, 784);
+- loss = cross-entropy + the run's penalty (its own lambda, anchor and accumulated Omega), the penalty
+  gradient added straight into the gradient; clipping on the run's own total norm (clipped variant);
+- optimizer: ``ewcstab.train.make_optimizer`` (fused Adam, or SGD), created once per batch and kept
+  across tasks, over one view per (parameter, run) of the flat parameter buffer: each run's tensors
+  get their own state and the very kernels of the single-run path (one multi-tensor kernel per step);
+- after each task: evaluation of every run on tasks 1..t, then importances of every run on the last
+  ``importance_samples`` training samples (``importance.py``), accumulated, and the anchor set;
+- telemetry and divergence as in ``ewcstab.telemetry``: per-step rows on the device, one host check
+  every ``divergence_check_every`` steps. A run that diverged (NaN/inf loss or gradient, loss blow-up)
+  is dropped from the batch at that check, i.e. at the very step the single-run path stops it, so its
+  record (accuracies so far, divergence task/epoch/step/reason, the task's telemetry summary) equals the
+  single run's. Nothing mixes runs (batched products, element-wise updates, per-run reductions), so a
+  NaN in one run cannot reach another before it is dropped.
+
+Architectures other than the MLP fall back to the single-run path, run after run.
+Timings in each run's outcome are the batch's seconds divided by the number of runs in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ewcstab import provenance
+from ewcstab.batched.importance import build_stacked_importance
+from ewcstab.batched.monitor import StackedMonitor
+from ewcstab.batched.penalty import StackedPenalty
+from ewcstab.batched.stack import Layout, count_correct, cross_entropy_step, supports
+from ewcstab.config import ConfigError, RunConfig
+from ewcstab.data import build_tasks, data_checksums, datasets_of, resolve_data_root
+from ewcstab.device import resolve_device, synchronize
+from ewcstab.interfaces import ParamDict, Task
+from ewcstab.models import build_model
+from ewcstab.telemetry import DEFAULT_BLOWUP, BlowupRule
+from ewcstab.train import Divergence, RunOutcome, make_optimizer, record, run_sequence
+
+log = logging.getLogger(__name__)
+
+#: The only config fields in which the runs of one batch may differ.
+PER_RUN_FIELDS = ("seed", "lam")
+
+
+def check_batchable(cfgs: list[RunConfig]) -> RunConfig:
+    """Validate every config and that they differ only in seed and lam; returns the first, resolved."""
+    if not cfgs:
+        raise ConfigError("a batch needs at least one run config")
+    for cfg in cfgs:
+        cfg.validate()
+    resolved = [cfg.resolved() for cfg in cfgs]
+    first = resolved[0]
+    for i, other in enumerate(resolved[1:], start=1):
+        for f in dataclasses.fields(RunConfig):
+            if f.name in PER_RUN_FIELDS:
+                continue
+            a, b = getattr(first, f.name), getattr(other, f.name)
+            if a != b:
+                raise ConfigError(
+                    f"{f.name}: run {i} has {b!r} but run 0 has {a!r}; runs batched together may differ "
+                    f"only in {' and '.join(PER_RUN_FIELDS)}"
+                )
+    return first
+
+
+def train_batched(
+    cfgs: list[RunConfig],
+    tasks: list[Task],
+    device: torch.device,
+    progress: bool = False,
+    trace: bool = False,
+    blowup: BlowupRule = DEFAULT_BLOWUP,
+) -> list[RunOutcome]:
+    """Train the runs ``cfgs`` (same settings but seed and lam) over ``tasks``, as one computation.
+
+    Returns one ``RunOutcome`` per config, in order, equal (to floating-point tolerance) to what
+    ``ewcstab.train.run_sequence(cfg, tasks, device)`` returns for that config.
+    """
+    return train_batched_with_params(cfgs, tasks, device, progress, trace, blowup)[0]
+
+
+def train_batched_with_params(
+    cfgs: list[RunConfig],
+    tasks: list[Task],
+    device: torch.device,
+    progress: bool = False,
+    trace: bool = False,
+    blowup: BlowupRule = DEFAULT_BLOWUP,
+) -> tuple[list[RunOutcome], list[ParamDict | None]]:
+    """``train_batched``, plus each run's parameters where it stopped (the end of the sequence, or the
+    check at which it was found diverged); None for every run of the single-run fallback."""
+    check_batchable(cfgs)
+    models = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)  # the single-run path's initialisation, run by run
+        models.append(build_model(cfg.arch))
+    if not supports(models[0]):
+        log.info("batched engine supports the MLP only; running %d %s runs one after another", len(cfgs), cfgs[0].arch)
+        outcomes = [run_sequence(cfg, tasks, device, progress, trace=trace, blowup=blowup) for cfg in cfgs]
+        return outcomes, [None] * len(cfgs)
+    batch = _Batch(cfgs, models, device, trace, blowup)
+    outcomes = batch.run(tasks, progress)
+    for p, rid in enumerate(batch.ids):
+        batch.final_params[rid] = batch.params_of(p)
+    return outcomes, batch.final_params
+
+
+class _Batch:
+    """The state of R stacked runs; ``ids[p]`` is the config index of the run at batch position p."""
+
+    def __init__(self, cfgs: list[RunConfig], models: list, device: torch.device, trace: bool, blowup: BlowupRule):
+        cfg = cfgs[0]
+        self.cfg, self.device, self.trace, self.blowup = cfg, device, trace, blowup
+        self.layout = Layout.of(models[0], len(cfgs))
+        self.theta = self.layout.stack([list(m.parameters()) for m in models], device)
+        self.grad = self.layout.zeros(device)
+        self._bind()
+        self.optimizer = make_optimizer(cfg.optimizer, self.tensors, cfg.lr)
+        self.penalty = StackedPenalty(cfg.variant, [c.lam for c in cfgs], cfg.resolved_alpha, cfg.clip_norm)
+        self.importance = build_stacked_importance(cfg.method, cfg.fisher_label, cfg.si_xi)
+        self.generators = [torch.Generator().manual_seed(c.seed) for c in cfgs]
+        self.omega = self.layout.zeros(device)
+        self.ids = list(range(len(cfgs)))
+        self.seeds = [c.seed for c in cfgs]
+        self.final_params: list[ParamDict | None] = [None] * len(cfgs)
+        self.outcomes = [RunOutcome(telemetry_trace=[] if trace else None, divergence_rule=blowup.to_dict())
+                         for _ in cfgs]
+
+    def _bind(self) -> None:
+        """Views of the flat buffers: (R, *shape) per parameter for the products, and one tensor per
+        (parameter, run), each with its gradient view, for the optimizer (see ``Layout.tensors``)."""
+        self.params = self.layout.views(self.theta)
+        self.grads = self.layout.views(self.grad)
+        self.tensors = self.layout.tensors(self.theta)
+        for p, g in zip(self.tensors, self.layout.tensors(self.grad)):
+            p.grad = g
+        self.zeros = torch.zeros(self.layout.runs, device=self.device)
+
+    # ------------------------------------------------------------------ the protocol loop
+    def run(self, tasks: list[Task], progress: bool) -> list[RunOutcome]:
+        cfg = self.cfg
+        for t, task in enumerate(tasks, start=1):
+            runs = len(self.ids)
+            synchronize(self.device)
+            start = time.perf_counter()
+            monitor = self._train_task(t, task, progress, start, runs)
+            synchronize(self.device)
+            share = (time.perf_counter() - start) / runs
+            if not self.ids:
+                break
+            finite = self.layout.finite(self.theta).cpu().tolist()
+            bad = {}
+            for p, rid in enumerate(self.ids):
+                self.outcomes[rid].train_seconds.append(share)
+                self._summarise(monitor, p, None)
+                if not finite[p]:
+                    bad[p] = Divergence(t, cfg.epochs, -1, "non-finite parameters")
+                    self.outcomes[rid].telemetry[-1].update(diverged=True, divergence_reason=bad[p].reason)
+            self._retire(bad)
+            if not self.ids:
+                break
+            self._evaluate(tasks[:t])
+            if t == len(tasks):
+                break
+            start = time.perf_counter()
+            x, y = task.train_x[-cfg.importance_samples :], task.train_y[-cfg.importance_samples :]
+            task_omega = self.importance.end_task(self.layout, self.theta, x, y)
+            synchronize(self.device)
+            share = (time.perf_counter() - start) / len(self.ids)
+            finite = self.layout.finite(task_omega).cpu().tolist()
+            for rid in self.ids:
+                self.outcomes[rid].importance_seconds.append(share)
+            _, (task_omega,) = self._retire(
+                {p: Divergence(t, cfg.epochs, -1, "non-finite importance") for p, ok in enumerate(finite) if not ok},
+                (task_omega,),
+            )
+            if not self.ids:
+                break
+            self.omega += task_omega
+            self.penalty.consolidate(self.layout, self.theta, self.omega)
+        return self.outcomes
+
+    def _train_task(self, t: int, task: Task, progress: bool, start: float, runs: int) -> StackedMonitor:
+        """Train every run on one task; runs that diverge are retired at the check that finds them."""
+        cfg, layout, penalty, importance = self.cfg, self.layout, self.penalty, self.importance
+        n = task.train_x.shape[0]
+        x_all = task.train_x.reshape(n, -1)  # (N, 784)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
+        monitor = StackedMonitor(t, runs, total_steps, self.device, penalty.clip_norm, self.blowup)
+        importance.begin_task(layout, self.theta)
+        clipping = penalty.clip_norm is not None
+        bar = tqdm(total=total_steps, desc=f"task {t} ({runs} runs)", unit="step", disable=not progress,
+                   mininterval=1.0, leave=False)
+        step = 0
+        for _epoch in range(cfg.epochs):
+            # (R, N): each run's own permutation, drawn exactly as the single-run path draws it
+            orders = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
+            for first in range(0, n, cfg.batch_size):
+                idx = orders[:, first : first + cfg.batch_size]  # (R, B)
+                flat_idx = idx.reshape(-1)  # one gather for every run (index_select: faster than x[idx])
+                x = x_all.index_select(0, flat_idx).view(*idx.shape, -1)  # (R, B, 784)
+                y = task.train_y.index_select(0, flat_idx).view(idx.shape)  # (R, B)
+                loss = cross_entropy_step(self.params, self.grads, x, y)
+                grad = self.grad
+                task_norm = layout.norms(grad)  # before the penalty's gradient joins it
+                pen = penalty.grad(self.theta)
+                if pen is not None:
+                    pen_norm = layout.norms(pen)
+                    grad.add_(pen)
+                importance.before_step(self.theta, grad, clipping)
+                total = penalty.clip_(layout, grad)
+                if total is None:
+                    total = task_norm if pen is None else layout.norms(grad)
+                monitor.record(loss, task_norm, self.zeros if pen is None else pen_norm, total)
+                self.optimizer.step()
+                importance.after_step(self.theta)
+                step += 1
+                if step % cfg.divergence_check_every == 0 or step == total_steps:
+                    bar.update(step - bar.n)
+                    diverged = monitor.check()
+                    if diverged:
+                        share = (time.perf_counter() - start) / runs
+                        for p, (bad_step, reason) in diverged.items():
+                            self.outcomes[self.ids[p]].train_seconds.append(share)
+                            self._summarise(monitor, p, (bad_step, reason))
+                        keep, _ = self._retire({
+                            p: Divergence(t, (s - 1) // steps_per_epoch + 1, s, reason)
+                            for p, (s, reason) in diverged.items()
+                        }, monitor=monitor)
+                        if not self.ids:
+                            bar.close()
+                            return monitor
+                        orders = orders.index_select(0, keep)
+                        layout = self.layout
+        bar.close()
+        return monitor
+
+    # ------------------------------------------------------------------ per-run bookkeeping
+    def params_of(self, p: int) -> ParamDict:
+        """The run at position p as a model's state: name -> tensor (copies)."""
+        return {k: v.clone() for k, v in zip(self.layout.names, self.layout.run_views(self.theta, p))}
+
+    def _summarise(self, monitor: StackedMonitor, p: int, divergence: tuple[int, str] | None) -> None:
+        outcome = self.outcomes[self.ids[p]]
+        summary, trace = monitor.summary(
+            p, self.layout.run_views(self.theta, p), self.penalty.anchor_of(self.layout, p),
+            self.penalty.step_gain(self.layout, p), divergence, self.trace,
+        )
+        outcome.telemetry.append(summary)
+        if outcome.telemetry_trace is not None:
+            outcome.telemetry_trace.append(trace)
+
+    @torch.no_grad()
+    def _evaluate(self, seen: list[Task]) -> None:
+        chunk = self.cfg.eval_batch_size
+        counts = torch.stack([count_correct(self.params, s.test_x, s.test_y, chunk) for s in seen]).cpu()  # (t, R)
+        sizes = [s.test_x.shape[0] for s in seen]
+        for p, rid in enumerate(self.ids):
+            row = [int(c) / size for c, size in zip(counts[:, p].tolist(), sizes)]
+            self.outcomes[rid].acc_matrix.append(row)
+        log.info("after task %d: mean accuracy %s", len(seen),
+                 ", ".join(f"{sum(self.outcomes[rid].acc_matrix[-1]) / len(seen):.4f}" for rid in self.ids))
+
+    def _retire(
+        self, diverged: dict[int, Divergence], extra: tuple[Tensor, ...] = (), monitor: StackedMonitor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Record the divergences and drop those runs from every stacked state.
+
+        Returns the kept batch positions (long tensor) and the ``extra`` flat buffers restricted to them."""
+        keep_list = [p for p in range(len(self.ids)) if p not in diverged]
+        keep = torch.tensor(keep_list, dtype=torch.long, device=self.device)
+        if not diverged:
+            return keep, extra
+        for p, div in diverged.items():
+            self.outcomes[self.ids[p]].divergence = div
+            self.final_params[self.ids[p]] = self.params_of(p)
+            log.warning("run %d (seed %d) diverged: %s", self.ids[p], self.seeds[self.ids[p]], div)
+        old, old_tensors, old_state = self.layout, self.tensors, self.optimizer.state
+        theta, grad = old.select(self.theta, keep), old.select(self.grad, keep)
+        self.penalty.select(old, keep)
+        self.importance.select(old, keep)
+        self.omega = old.select(self.omega, keep)
+        extra = tuple(old.select(b, keep) for b in extra)
+        if monitor is not None:
+            monitor.select(keep)
+        self.generators = [self.generators[p] for p in keep_list]
+        self.ids = [self.ids[p] for p in keep_list]
+        self.layout = old.with_runs(len(keep_list))
+        self.theta, self.grad = theta, grad
+        self._bind()
+        self.optimizer = make_optimizer(self.cfg.optimizer, self.tensors, self.cfg.lr)
+        for k in range(len(old.shapes)):  # Adam's moments and step counts carry on with their runs
+            for new_pos, old_pos in enumerate(keep_list):
+                state = old_state.get(old_tensors[k * old.runs + old_pos])
+                if state:
+                    self.optimizer.state[self.tensors[k * self.layout.runs + new_pos]] = state
+        return keep, extra
+
+
+def execute_batched(
+    cfgs: list[RunConfig], progress: bool = False, trace: bool = False, blowup: BlowupRule = DEFAULT_BLOWUP
+) -> list[dict[str, object]]:
+    """Load the data once, train the runs as one batch, return one run record per config (the same
+    record as ``ewcstab.train.execute``, plus ``"batch": {"runs", "index", "wall_seconds"}``).
+
+    ``wall_seconds`` of each record is the batch's wall time divided by the number of runs."""
+    first = check_batchable(cfgs)
+    device = resolve_device(first.device)
+    root = resolve_data_root(first.data_root)
+    tasks = build_tasks(
+        first.sequence, first.n_tasks, first.perm_seed, root, device,
+        first.train_subset, first.test_subset, first.download,
+    )
+    wall = time.perf_counter()
+    outcomes = train_batched(cfgs, tasks, device, progress, trace=trace, blowup=blowup)
+    wall = time.perf_counter() - wall
+    checksums = data_checksums(datasets_of(first.sequence, first.n_tasks), root)
+    prov = provenance.collect(device, checksums, str(root))
+    names = [t.name for t in tasks]
+    records = []
+    for i, (cfg, outcome) in enumerate(zip(cfgs, outcomes)):
+        rec = record(cfg.resolved(), names, outcome, wall / len(cfgs), prov)
+        rec["batch"] = {"runs": len(cfgs), "index": i, "wall_seconds": wall}
+        records.append(rec)
+    return records
