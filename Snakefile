@@ -20,8 +20,10 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/final.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/pruning.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/explosion.smk"
 
 
 rule all:
@@ -29,3 +31,5 @@ rule all:
     input:
         get_all_targets(),
         get_report_targets(),
+        get_pruning_targets(),
+        get_explosion_targets(),

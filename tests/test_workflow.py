@@ -131,3 +131,16 @@ def test_slurm_profile_parses(workdir):
                           cwd=workdir, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tune_lambda" in proc.stdout + proc.stderr
+
+
+def test_pruning_outputs(finished):
+    curves = pd.read_csv(finished / "results/tables/pruning_curves.csv")
+    assert set(curves.importance) == {"magnitude", "fisher", "mas", "si", "signal"}
+    assert set(curves.scope) == {"global", "per_layer"}
+    assert set(curves.seed) == {0, 1}
+    # 0, 0.01, ..., 1: 101 levels per (network, importance, scope)
+    assert len(curves) == 2 * 5 * 2 * 101
+    thresholds = pd.read_csv(finished / "results/tables/pruning_thresholds.csv")
+    assert len(thresholds) == 5 * 2
+    for scope in ("global", "per_layer"):
+        assert (finished / f"results/figures/pruning/{scope}.png").stat().st_size > 10_000

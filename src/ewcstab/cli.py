@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Functions that add further subcommands; each takes the subparsers object."""
-    from ewcstab import aggregate, benchmark, search
+    from ewcstab import aggregate, benchmark, explosion, search
+    from ewcstab.pruning import command as pruning
 
-    return [search.register, aggregate.register, benchmark.register]
+    return [search.register, aggregate.register, pruning.register, explosion.register, benchmark.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ wildcard_constraints:
     variant="original|stabilized|clipped",
     seed=r"\d+",
     worker=r"\d+",
+    importance_data="test|heldout",
 
 
 ENV = "../../envs/ewcstab.yaml"
@@ -229,3 +230,173 @@ def get_table_category(wildcards):
 def get_table_subcategory(wildcards):
     """Report subcategory of a rendered table."""
     return "provenance" if wildcards.table == "provenance" else "tables"
+
+
+# The gradient-explosion study (workflow/rules/explosion.smk), only with an `explosion` section.
+EXPLOSION_CONFIG = "results/explosion/configs/{arch}.yaml"
+EXPLOSION_RUN = (
+    "results/explosion/{arch}/{method}/{variant}/{optimizer}/lam{lam}/seed{seed}.json"
+)
+EXPLOSION_TRACE = "results/explosion/{arch}/traces/{variant}/{optimizer}.json"
+EXPLOSION_RUNS_TABLE = "results/tables/explosion_runs.csv"
+EXPLOSION_TRACES_TABLE = "results/tables/explosion_traces.csv"
+EXPLOSION_SUMMARY = multiext("results/tables/explosion_summary", ".csv", ".md")
+EXPLOSION_ACCURACY_FIG = {
+    "png": "results/figures/explosion/accuracy_vs_lambda.png",
+    "pdf": "results/figures/explosion/accuracy_vs_lambda.pdf",
+}
+EXPLOSION_TRACES_FIG = {
+    "png": "results/figures/explosion/grad_norm_traces.png",
+    "pdf": "results/figures/explosion/grad_norm_traces.pdf",
+}
+EXPLOSION_REPORT_TABLE = "results/report/explosion/{table}.html"
+
+
+def lam_label(lam):
+    """A lambda as it appears in paths: plain digits, no trailing .0 (1000, 0.5, 1e+20)."""
+    return f"{float(lam):.12g}"
+
+
+def get_explosion_lambdas(arch):
+    """The lambda sweep of one arch (`explosion.lambdas`); an arch without one is a config error."""
+    lambdas = config["explosion"]["lambdas"].get(arch)
+    if not lambdas:
+        raise ValueError(
+            f"explosion.lambdas.{arch}: missing; every arch in explosion.archs needs a list of lambdas"
+        )
+    return lambdas
+
+
+def per_arch(value, arch, key):
+    """A setting given as one number for every arch or as arch -> number."""
+    if isinstance(value, dict):
+        value = value.get(arch)
+    if value is None:
+        raise ValueError(f"explosion.{key}: no value for arch {arch!r}")
+    return value
+
+
+def get_explosion_lr(wildcards):
+    """Learning rate of the run's optimizer and arch (`explosion.lr`); the stabilized alpha follows it."""
+    lr = config["explosion"]["lr"].get(wildcards.optimizer)
+    return per_arch(lr, wildcards.arch, f"lr.{wildcards.optimizer}")
+
+
+def get_explosion_settings(wildcards):
+    """RunConfig settings shared by an arch's study runs: `run`, then `run_per_arch`, clip_norm, data."""
+    e = config["explosion"]
+    settings = {**e.get("run", {}), **e.get("run_per_arch", {}).get(wildcards.arch, {})}
+    settings.update(
+        arch=wildcards.arch,
+        clip_norm=per_arch(e.get("clip_norm", 1.0), wildcards.arch, "clip_norm"),
+        device=config["device"],
+        download=config["download"],
+        data_root=config["data_root"],
+    )
+    return settings
+
+
+def get_explosion_records(wildcards=None):
+    """Every run of the sweep: arch x method x variant x optimizer x lambda x seed (seeds per arch or not)."""
+    e = config["explosion"]
+    return [
+        EXPLOSION_RUN.format(
+            arch=a, method=m, variant=v, optimizer=o, lam=lam_label(lam), seed=s
+        )
+        for a in e["archs"]
+        for m in e["methods"]
+        for v in e["variants"]
+        for o in e["optimizers"]
+        for lam in get_explosion_lambdas(a)
+        for s in range(per_arch(e["seeds"], a, "seeds"))
+    ]
+
+
+def get_explosion_trace_archs():
+    """Selected archs that have a `trace_lambda`: each gets one traced run per variant and optimizer."""
+    e = config["explosion"]
+    return [a for a in e["archs"] if e.get("trace_lambda", {}).get(a) is not None]
+
+
+def get_explosion_trace_records(wildcards=None):
+    """The traced runs (first method, seed 0, lambda `trace_lambda`), one per arch, variant, optimizer."""
+    e = config["explosion"]
+    return [
+        EXPLOSION_TRACE.format(arch=a, variant=v, optimizer=o)
+        for a in get_explosion_trace_archs()
+        for v in e["variants"]
+        for o in e["optimizers"]
+    ]
+
+
+def get_trace_lambda(wildcards):
+    """Lambda of an arch's traced runs."""
+    return lam_label(config["explosion"]["trace_lambda"][wildcards.arch])
+
+
+def get_trace_method(wildcards=None):
+    """Importance of the traced runs: the first of `explosion.methods`."""
+    return config["explosion"]["methods"][0]
+
+
+def get_explosion_targets():
+    """Tables, figures and report pages of the study; nothing without an `explosion` section."""
+    if not config.get("explosion"):
+        return []
+    targets = [
+        EXPLOSION_RUNS_TABLE,
+        *EXPLOSION_SUMMARY,
+        *EXPLOSION_ACCURACY_FIG.values(),
+        EXPLOSION_REPORT_TABLE.format(table="explosion_summary"),
+    ]
+    if get_explosion_trace_archs():
+        targets += [EXPLOSION_TRACES_TABLE, *EXPLOSION_TRACES_FIG.values()]
+    return targets
+
+
+# --- pruning (Section 4) ---------------------------------------------------------------
+PRUNE_NET = "results/pruning/{arch}/{importance_data}/net{seed}.csv"
+PRUNE_NET_META = "results/pruning/{arch}/{importance_data}/net{seed}.json"
+PRUNING_MEAN_TABLE = "results/tables/pruning_mean_curves.csv"
+PRUNING_THRESHOLDS = "results/tables/pruning_thresholds.csv"
+PRUNING_THRESHOLDS_MD = "results/tables/pruning_thresholds.md"
+
+
+def get_pruning_nets(wildcards=None):
+    """One curve table per (arch, importance data, network)."""
+    p = config.get("pruning", {})
+    return [
+        PRUNE_NET.format(arch=a, importance_data=d, seed=s)
+        for a in p.get("archs", [])
+        for d in p.get("importance_data", ["test"])
+        for s in range(p.get("networks", 10))
+    ]
+
+
+def get_pruning_flags(wildcards):
+    """ewcstab prune flags from the `pruning` section (training overrides, importances, grid)."""
+    p = config["pruning"]
+    flags = [
+        "--importances " + " ".join(p.get("importances", [])),
+        "--scopes " + " ".join(get_pruning_scopes()),
+        f"--sparsity-step {p.get('sparsity_step', 0.001)}",
+        f"--device {config['device']}",
+    ]
+    if config.get("data_root"):
+        flags.append(f"--data-root {config['data_root']}")
+    for key, value in p.get("run", {}).items():
+        if value is not None:
+            flags.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(flags)
+
+
+def get_pruning_targets():
+    """Pruning tables, when config has a `pruning` section."""
+    if not config.get("pruning"):
+        return []
+    return [
+        PRUNING_CURVES_TABLE,
+        PRUNING_MEAN_TABLE,
+        PRUNING_THRESHOLDS,
+        PRUNING_THRESHOLDS_MD,
+    ]

@@ -51,7 +51,10 @@ def cmd_prune_summary(args: argparse.Namespace) -> int:
         compare_at, read_curves, read_paper, summarise_curves, thresholds_markdown, thresholds_table,
     )
 
-    summary = summarise_curves(read_curves(args.inputs))
+    curves = read_curves(args.inputs)
+    if args.all_out:
+        write_text_atomic(args.all_out, curves.to_csv(index=False))
+    summary = summarise_curves(curves)
     paper = read_paper(args.paper) if args.paper else None
     thresholds = thresholds_table(summary, paper, args.tolerances)
     comparison = compare_at(summary, paper, args.compare_at)
@@ -113,6 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--inputs", nargs="+", required=True, metavar="CSV", help="per-network curve tables")
     s.add_argument("--curves-out", required=True, metavar="CSV", help="mean curves to write")
+    s.add_argument("--all-out", metavar="CSV", help="every network's curves in one tidy table")
     s.add_argument("--thresholds-out", metavar="CSV", help="threshold table to write")
     s.add_argument("--thresholds-md", metavar="MD", help="markdown report (thresholds and selected sparsities)")
     s.add_argument("--comparison-out", metavar="CSV", help="accuracy at --compare-at sparsities, ours and the paper's")
