@@ -117,9 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 def extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Functions that add further subcommands; each takes the subparsers object."""
     from ewcstab import aggregate, benchmark, explosion, search
+    from ewcstab.batched import benchmark as batched_benchmark
+    from ewcstab.batched import command as batched_command
     from ewcstab.pruning import command as pruning
 
-    return [search.register, aggregate.register, pruning.register, explosion.register, benchmark.register]
+    return [
+        search.register, aggregate.register, pruning.register, explosion.register,
+        batched_command.register, benchmark.register, batched_benchmark.register,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

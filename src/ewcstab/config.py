@@ -55,7 +55,7 @@ class RunConfig:
     eval_batch_size: batch for test-set evaluation (no effect on results).
     divergence_check_every: steps between host checks of the device-side NaN flag.
     blowup_factor, blowup_cap: a finite loss above min(cap, factor * max(first loss of the task,
-        ln 10)) also counts as divergence ('loss blow-up'); .inf switches the rule off.
+        ln 10)) also counts as divergence ('loss blow-up'); a huge value (1e30) switches it off.
     """
 
     arch: str = "mlp"
@@ -156,8 +156,7 @@ class RunConfig:
         _number("si_xi", self.si_xi, minimum=0.0, exclusive=True)
         for name in ("blowup_factor", "blowup_cap"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
-                raise ConfigError(f"{name}: {value!r} is not allowed; allowed: a number > 1 (or .inf: off)")
+            _number(name, value, minimum=1.0, exclusive=True)  # finite: records never hold inf
         if self.alpha is not None:
             _number("alpha", self.alpha, minimum=0.0, exclusive=True)
         for name in ("seed", "perm_seed"):

@@ -7,11 +7,21 @@ See ``engine.py`` for what is per run and why the results equal the single-run p
 """
 
 from ewcstab.batched.engine import (
+    CPU_RUNS_PER_BATCH,
     PER_RUN_FIELDS,
     check_batchable,
+    default_runs_per_batch,
     execute_batched,
     train_batched,
     train_batched_with_params,
 )
 
-__all__ = ["PER_RUN_FIELDS", "check_batchable", "execute_batched", "train_batched", "train_batched_with_params"]
+__all__ = [
+    "CPU_RUNS_PER_BATCH",
+    "PER_RUN_FIELDS",
+    "check_batchable",
+    "default_runs_per_batch",
+    "execute_batched",
+    "train_batched",
+    "train_batched_with_params",
+]

@@ -125,7 +125,7 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
         load = _load()
         synchronize(device)
         start = time.perf_counter()
-        outs = train_batched(cfgs, tasks, device)
+        outs = train_batched(cfgs, tasks, device, runs_per_batch=runs)  # all R runs in one batch
         synchronize(device)
         wall = (time.perf_counter() - start) / runs
         report("batched", runs, outs[0].train_seconds, outs[0].importance_seconds, wall, (load, _load()))
@@ -137,8 +137,10 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("benchmark-batched", help="seconds per MLP run: single-run path vs batched engine vs matmul floor",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "benchmark-batched", help="seconds per MLP run: single-run path vs batched engine vs matmul floor",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_arguments(p)
     p.set_defaults(tasks=2, epochs=1)
     p.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes R to time")

@@ -21,8 +21,17 @@ follows the single-run protocol of ``ewcstab.train.run_sequence`` (PROTOCOL.md) 
   single run's. Nothing mixes runs (batched products, element-wise updates, per-run reductions), so a
   NaN in one run cannot reach another before it is dropped.
 
-Architectures other than the MLP fall back to the single-run path, run after run.
-Timings in each run's outcome are the batch's seconds divided by the number of runs in the batch.
+Equality with the single-run path: every element-wise kernel sees the single run's values (the
+optimizer and the norms even its very tensors, ``stack.Layout.tensors``), the importances sum over the
+same sample chunks in the same order, and the batched products run one GEMM per run. On this CPU
+(MKL) that made every run bitwise equal to ``run_sequence`` on one thread, and at the paper's batch of
+100 on two; where a batched product sums in another order than the single run's ``addmm`` (other
+shapes or thread counts, other BLAS or GPU kernels) the runs agree to rounding at first, and training
+amplifies that slowly (as two runs of the single path on different hardware would differ).
+
+Architectures other than the MLP fall back to the single-run path, run after run. More runs than
+``runs_per_batch`` are trained batch after batch (``default_runs_per_batch``). Timings in each run's
+outcome are the batch's seconds divided by the number of runs in the batch.
 """
 
 from __future__ import annotations
@@ -46,13 +55,26 @@ from ewcstab.data import build_tasks, data_checksums, datasets_of, resolve_data_
 from ewcstab.device import resolve_device, synchronize
 from ewcstab.interfaces import ParamDict, Task
 from ewcstab.models import build_model
-from ewcstab.telemetry import DEFAULT_BLOWUP, BlowupRule
-from ewcstab.train import Divergence, RunOutcome, make_optimizer, record, run_sequence
+from ewcstab.telemetry import BlowupRule
+from ewcstab.train import Divergence, RunOutcome, blowup_rule, make_optimizer, record, run_sequence
 
 log = logging.getLogger(__name__)
 
 #: The only config fields in which the runs of one batch may differ.
 PER_RUN_FIELDS = ("seed", "lam")
+
+#: Runs stacked together on a CPU when the caller does not say (more are trained batch after batch).
+#: Measured on the shared 2-core Xeon this was written on (benchmark-batched, fisher, one thread, two
+#: repeats): per run, 4 runs per batch ~160 s, 16 runs ~197 s, 64 runs ~204 s for a full protocol run:
+#: the stacked per-run state (about 9 MB per run: parameters, gradient, Adam moments, anchor,
+#: coefficients, penalty gradient) of more runs no longer stays in the caches, and the element-wise
+#: passes then run at memory speed.
+CPU_RUNS_PER_BATCH = 4
+
+
+def default_runs_per_batch(device: torch.device) -> int | None:
+    """Runs per batch when not given: ``CPU_RUNS_PER_BATCH`` on a CPU, all of them on an accelerator."""
+    return CPU_RUNS_PER_BATCH if device.type == "cpu" else None
 
 
 def check_batchable(cfgs: list[RunConfig]) -> RunConfig:
@@ -82,14 +104,18 @@ def train_batched(
     device: torch.device,
     progress: bool = False,
     trace: bool = False,
-    blowup: BlowupRule = DEFAULT_BLOWUP,
+    blowup: BlowupRule | None = None,
+    runs_per_batch: int | None = None,
 ) -> list[RunOutcome]:
     """Train the runs ``cfgs`` (same settings but seed and lam) over ``tasks``, as one computation.
 
     Returns one ``RunOutcome`` per config, in order, equal (to floating-point tolerance) to what
-    ``ewcstab.train.run_sequence(cfg, tasks, device)`` returns for that config.
+    ``ewcstab.train.run_sequence(cfg, tasks, device)`` returns for that config. ``runs_per_batch``:
+    at most this many runs are stacked at once, the next ones in the next batch (None: see
+    ``default_runs_per_batch``); it changes the speed, never the results. ``blowup``: the loss
+    blow-up rule (None: the configs' ``blowup_factor`` and ``blowup_cap``, as ``run_sequence``).
     """
-    return train_batched_with_params(cfgs, tasks, device, progress, trace, blowup)[0]
+    return train_batched_with_params(cfgs, tasks, device, progress, trace, blowup, runs_per_batch)[0]
 
 
 def train_batched_with_params(
@@ -98,19 +124,33 @@ def train_batched_with_params(
     device: torch.device,
     progress: bool = False,
     trace: bool = False,
-    blowup: BlowupRule = DEFAULT_BLOWUP,
+    blowup: BlowupRule | None = None,
+    runs_per_batch: int | None = None,
 ) -> tuple[list[RunOutcome], list[ParamDict | None]]:
     """``train_batched``, plus each run's parameters where it stopped (the end of the sequence, or the
     check at which it was found diverged); None for every run of the single-run fallback."""
-    check_batchable(cfgs)
+    first = check_batchable(cfgs)
+    blowup = blowup or blowup_rule(first)  # shared: the blow-up fields are part of the shared settings
+    size = runs_per_batch or default_runs_per_batch(device) or len(cfgs)
+    if size < 1:
+        raise ValueError(f"runs_per_batch: {runs_per_batch!r} is not allowed; allowed: an integer >= 1")
+    if len(cfgs) > size:
+        outcomes: list[RunOutcome] = []
+        params: list[ParamDict | None] = []
+        for start in range(0, len(cfgs), size):
+            o, p = train_batched_with_params(cfgs[start : start + size], tasks, device, progress, trace, blowup, size)
+            outcomes += o
+            params += p
+        return outcomes, params
     models = []
     for cfg in cfgs:
         torch.manual_seed(cfg.seed)  # the single-run path's initialisation, run by run
         models.append(build_model(cfg.arch))
-    if not supports(models[0]):
-        log.info("batched engine supports the MLP only; running %d %s runs one after another", len(cfgs), cfgs[0].arch)
-        outcomes = [run_sequence(cfg, tasks, device, progress, trace=trace, blowup=blowup) for cfg in cfgs]
-        return outcomes, [None] * len(cfgs)
+        if not supports(models[0]):
+            log.info("the batched engine implements the MLP only; running %d %s runs one after another",
+                     len(cfgs), cfg.arch)
+            outcomes = [run_sequence(c, tasks, device, progress, trace=trace, blowup=blowup) for c in cfgs]
+            return outcomes, [None] * len(cfgs)
     batch = _Batch(cfgs, models, device, trace, blowup)
     outcomes = batch.run(tasks, progress)
     for p, rid in enumerate(batch.ids):
@@ -145,7 +185,8 @@ class _Batch:
         self.params = self.layout.views(self.theta)
         self.grads = self.layout.views(self.grad)
         self.tensors = self.layout.tensors(self.theta)
-        for p, g in zip(self.tensors, self.layout.tensors(self.grad)):
+        self.grad_tensors = self.layout.tensors(self.grad)
+        for p, g in zip(self.tensors, self.grad_tensors):
             p.grad = g
         self.zeros = torch.zeros(self.layout.runs, device=self.device)
 
@@ -216,15 +257,15 @@ class _Batch:
                 y = task.train_y.index_select(0, flat_idx).view(idx.shape)  # (R, B)
                 loss = cross_entropy_step(self.params, self.grads, x, y)
                 grad = self.grad
-                task_norm = layout.norms(grad)  # before the penalty's gradient joins it
-                pen = penalty.grad(self.theta)
+                task_norm = layout.norms(self.grad_tensors)  # before the penalty's gradient joins it
+                pen = penalty.grad(layout, self.theta)
                 if pen is not None:
-                    pen_norm = layout.norms(pen)
+                    pen_norm = layout.norms(penalty.pen_tensors)
                     grad.add_(pen)
                 importance.before_step(self.theta, grad, clipping)
-                total = penalty.clip_(layout, grad)
+                total = penalty.clip_(layout, grad, self.grad_tensors)
                 if total is None:
-                    total = task_norm if pen is None else layout.norms(grad)
+                    total = task_norm if pen is None else layout.norms(self.grad_tensors)
                 monitor.record(loss, task_norm, self.zeros if pen is None else pen_norm, total)
                 self.optimizer.step()
                 importance.after_step(self.theta)
@@ -312,12 +353,16 @@ class _Batch:
 
 
 def execute_batched(
-    cfgs: list[RunConfig], progress: bool = False, trace: bool = False, blowup: BlowupRule = DEFAULT_BLOWUP
+    cfgs: list[RunConfig],
+    progress: bool = False,
+    trace: bool = False,
+    blowup: BlowupRule | None = None,
+    runs_per_batch: int | None = None,
 ) -> list[dict[str, object]]:
     """Load the data once, train the runs as one batch, return one run record per config (the same
-    record as ``ewcstab.train.execute``, plus ``"batch": {"runs", "index", "wall_seconds"}``).
-
-    ``wall_seconds`` of each record is the batch's wall time divided by the number of runs."""
+    record as ``ewcstab.train.execute``, plus ``"batch": {"runs", "index", "wall_seconds",
+    "runs_per_batch"}``). ``wall_seconds`` of each record is the whole call's training time divided by
+    the number of runs; the batch's total is ``batch.wall_seconds``."""
     first = check_batchable(cfgs)
     device = resolve_device(first.device)
     root = resolve_data_root(first.data_root)
@@ -326,7 +371,7 @@ def execute_batched(
         first.train_subset, first.test_subset, first.download,
     )
     wall = time.perf_counter()
-    outcomes = train_batched(cfgs, tasks, device, progress, trace=trace, blowup=blowup)
+    outcomes = train_batched(cfgs, tasks, device, progress, trace=trace, blowup=blowup, runs_per_batch=runs_per_batch)
     wall = time.perf_counter() - wall
     checksums = data_checksums(datasets_of(first.sequence, first.n_tasks), root)
     prov = provenance.collect(device, checksums, str(root))
@@ -334,6 +379,7 @@ def execute_batched(
     records = []
     for i, (cfg, outcome) in enumerate(zip(cfgs, outcomes)):
         rec = record(cfg.resolved(), names, outcome, wall / len(cfgs), prov)
-        rec["batch"] = {"runs": len(cfgs), "index": i, "wall_seconds": wall}
+        rec["batch"] = {"runs": len(cfgs), "index": i, "wall_seconds": wall,
+                        "runs_per_batch": runs_per_batch or default_runs_per_batch(device) or len(cfgs)}
         records.append(rec)
     return records

@@ -22,6 +22,8 @@ _REASONS = ("non-finite loss", "non-finite gradient", "loss blow-up")
 
 
 class StackedMonitor:
+    """One task's telemetry rows of R runs, (R, steps, 4) on the device."""
+
     def __init__(
         self, task: int, runs: int, n_steps: int, device: torch.device,
         clip_norm: float | None = None, blowup: BlowupRule = DEFAULT_BLOWUP,

@@ -90,7 +90,7 @@ class Layout:
         """Flat buffer from per-run lists of tensors (each in the model's parameter order)."""
         flat = self.zeros(device)
         for k, view in enumerate(self.views(flat)):
-            torch.stack([tensors[k].detach() for tensors in per_run], out=view)
+            view.copy_(torch.stack([tensors[k].detach() for tensors in per_run]))  # copy_: any source device
         return flat
 
     def select(self, flat: Tensor, keep: Tensor) -> Tensor:
@@ -109,11 +109,15 @@ class Layout:
         which makes the results bitwise equal, not just equal to rounding)."""
         return [v[r] for v in self.views(flat) for r in range(self.runs)]
 
-    def norms(self, flat: Tensor) -> Tensor:
-        """Per-run L2 norm over all parameters, (R,): per-tensor norms (``torch._foreach_norm``), then the
-        norm of the run's norms, exactly as ``telemetry.total_norm`` and ``clip_grad_norm_`` form it."""
-        per_tensor = torch.stack(torch._foreach_norm(self.tensors(flat)))  # (n_params * R,)
-        return torch.linalg.vector_norm(per_tensor.view(len(self.shapes), self.runs), dim=0)
+    def norms(self, tensors: list[Tensor]) -> Tensor:
+        """Per-run L2 norm over all parameters, (R,), of a buffer given as its ``tensors`` views: per-tensor
+        norms (``torch._foreach_norm``), then the norm of each run's norms, exactly as
+        ``telemetry.total_norm`` and ``clip_grad_norm_`` form it for one run."""
+        per_tensor = torch.stack(torch._foreach_norm(tensors))  # (n_params * R,)
+        # (R, n_params) contiguous: each run's norms reduced along a contiguous row, as the single run's
+        # 1-D stack is (reducing the (n_params, R) view over dim 0 accumulates differently, off by an ulp)
+        by_run = per_tensor.view(len(self.shapes), self.runs).T.contiguous()
+        return torch.linalg.vector_norm(by_run, dim=1)
 
     def scale_(self, flat: Tensor, factor: Tensor) -> None:
         """flat[run r] *= factor[r] in place; factor (R,)."""
@@ -168,12 +172,11 @@ def backward_(
             delta = torch.ops.aten.leaky_relu_backward(back, inputs[layer], LEAKY_SLOPE, True)
 
 
-_ONE = {}
+#: (device, batch) -> (grad_output 1, total_weight B) of nll_loss_backward, made once
+_CE_CONSTANTS: dict[tuple[torch.device, int], tuple[Tensor, Tensor]] = {}
 
 
-def cross_entropy_step(
-    params: list[Tensor], grads: list[Tensor], x: Tensor, y: Tensor
-) -> Tensor:
+def cross_entropy_step(params: list[Tensor], grads: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
     """One step's task loss and its gradient for every run.
 
     params/grads: the (R, *shape) views of the parameter and gradient buffers; x (R, B, in), y (R, B).
@@ -190,9 +193,9 @@ def cross_entropy_step(
     # The kernels autograd runs for F.cross_entropy's backward; total_weight = B gives every run its
     # own batch mean (-1/B at the targets), exactly as in the single-run path.
     key = (logp.device, batch)
-    if key not in _ONE:
-        _ONE[key] = (torch.ones((), device=logp.device), torch.full((), float(batch), device=logp.device))
-    one, total_weight = _ONE[key]
+    if key not in _CE_CONSTANTS:
+        _CE_CONSTANTS[key] = (torch.ones((), device=logp.device), torch.full((), float(batch), device=logp.device))
+    one, total_weight = _CE_CONSTANTS[key]
     grad_logp = torch.ops.aten.nll_loss_backward(one, logp, target, None, 1, -100, total_weight)
     delta = torch.ops.aten._log_softmax_backward_data(grad_logp, logp, 1, logp.dtype).view(runs, batch, classes)
     backward_(weights, inputs, delta, grad_weights, grad_biases)

@@ -1,0 +1,262 @@
+"""Batched training (issue 8): every run of a batch equals the single-run path for its seed and lambda."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import ewcstab.train as train_mod
+from ewcstab.batched import check_batchable, execute_batched, train_batched, train_batched_with_params
+from ewcstab.batched import engine
+from ewcstab.config import ConfigError, RunConfig
+from ewcstab.train import execute, record, run_sequence
+
+CPU = torch.device("cpu")
+# Per run (seed, lam): three seeds, a consolidating run, a strong one, and plain fine-tuning.
+RUNS = [(0, 1.0), (1, 10.0), (2, 0.0)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: the numbers do not depend on it, and on a shared 2-core machine OpenMP's
+    thread hand-offs would make these many tiny steps ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def single(cfg: RunConfig, tasks, monkeypatch) -> tuple[train_mod.RunOutcome, dict[str, torch.Tensor]]:
+    """The single-run path's outcome and its model's final parameters."""
+    built = []
+    real = train_mod.build_model
+
+    def spy(name):
+        built.append(real(name))
+        return built[-1]
+
+    monkeypatch.setattr(train_mod, "build_model", spy)
+    outcome = run_sequence(cfg, tasks, CPU)
+    monkeypatch.setattr(train_mod, "build_model", real)
+    return outcome, {k: p.detach().clone() for k, p in built[0].named_parameters()}
+
+
+def assert_same_run(got, got_params, want, want_params, n_test: int):
+    assert len(got.acc_matrix) == len(want.acc_matrix)
+    for row_got, row_want in zip(got.acc_matrix, want.acc_matrix):
+        assert len(row_got) == len(row_want)
+        for a, b in zip(row_got, row_want):
+            assert abs(a - b) * n_test <= 1 + 1e-9, (got.acc_matrix, want.acc_matrix)  # within one test sample
+    assert (got.divergence is None) == (want.divergence is None)
+    if want.divergence is not None:
+        assert got.divergence == want.divergence
+    assert got_params.keys() == want_params.keys()
+    for k in want_params:
+        torch.testing.assert_close(got_params[k], want_params[k], rtol=1e-4, atol=1e-6, msg=k, equal_nan=True)
+    assert len(got.telemetry) == len(want.telemetry)
+    for s_got, s_want in zip(got.telemetry, want.telemetry):
+        assert s_got.keys() == s_want.keys()
+        for key, value in s_want.items():
+            if isinstance(value, float):
+                assert s_got[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+            else:
+                assert s_got[key] == value, key
+    assert len(got.train_seconds) == len(want.train_seconds)
+    assert len(got.importance_seconds) == len(want.importance_seconds)
+
+
+@pytest.mark.parametrize("method", ["fisher", "mas", "si", "signal"])
+@pytest.mark.parametrize("variant", ["original", "stabilized", "clipped"])
+def test_each_run_equals_the_single_run_path(synthetic_tasks, monkeypatch, method, variant):
+    base = RunConfig(method=method, variant=variant, epochs=2, batch_size=100, importance_samples=200,
+                     clip_norm=0.5, divergence_check_every=5)
+    cfgs = [base.replace(seed=seed, lam=lam) for seed, lam in RUNS]
+    outcomes, params = train_batched_with_params(cfgs, synthetic_tasks, CPU)
+    for cfg, got, got_params in zip(cfgs, outcomes, params):
+        want, want_params = single(cfg, synthetic_tasks, monkeypatch)
+        assert want.divergence is None
+        assert_same_run(got, got_params, want, want_params, n_test=200)
+    if variant == "clipped":  # clipping fired, on each run's own norm
+        assert all(o.telemetry[0]["clipped_steps"] > 0 for o in outcomes)
+
+
+@pytest.mark.parametrize("method,options", [("fisher", {}), ("fisher", {"label": "predicted"}), ("mas", {}),
+                                            ("signal", {})])
+@pytest.mark.parametrize("one_run_per_pass", [False, True])
+def test_stacked_importances_equal_the_single_run_estimators(monkeypatch, method, options, one_run_per_pass):
+    """Batched closed forms against ``ewcstab.importance`` on each run's own model (and passes split over runs)."""
+    from ewcstab.batched import importance as stacked
+    from ewcstab.batched.stack import Layout
+    from ewcstab.importance import build_importance
+    from ewcstab.models import build_model
+
+    if one_run_per_pass:
+        monkeypatch.setattr(stacked, "run_groups", lambda runs, *a, **k: [slice(r, r + 1) for r in range(runs)])
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(build_model("mlp"))
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.rand(300, 1, 28, 28, generator=g), torch.randint(0, 10, (300,), generator=g)
+    layout = Layout.of(models[0], 3)
+    theta = layout.stack([list(m.parameters()) for m in models], CPU)
+    label = options.get("label", "true")
+    got = stacked.build_stacked_importance(method, fisher_label=label).end_task(layout, theta, x, y)
+    for r, model in enumerate(models):
+        want = build_importance(method, **options).end_task(model, x, y)
+        for (name, w), v in zip(want.items(), layout.run_views(got, r)):
+            torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "changes,diverging_lam",
+    [
+        # plain EWC, plain SGD, 2 alpha lam Omega >> 2: growing oscillation (as test_train's forced divergence)
+        (dict(method="mas", optimizer="sgd", lr=0.1, batch_size=50), 1e7),
+        # the same without the loss blow-up rule (config fields): it runs on until the loss is non-finite
+        (dict(method="mas", optimizer="sgd", lr=0.1, batch_size=50, blowup_factor=math.inf, blowup_cap=math.inf), 1e7),
+        # Adam: a coefficient that overflows float32 makes the gradient non-finite within the task; the
+        # others then carry on with their Adam moments after the diverged run left the batch
+        (dict(method="fisher", batch_size=50), 1e38),
+    ],
+    ids=["sgd-blowup", "sgd-nonfinite", "adam-overflow"],
+)
+def test_a_diverging_run_leaves_the_others_unchanged(synthetic_tasks, monkeypatch, changes, diverging_lam):
+    base = RunConfig(variant="original", epochs=2, importance_samples=200, divergence_check_every=7, **changes)
+    cfgs = [base.replace(seed=0, lam=1.0), base.replace(seed=1, lam=diverging_lam), base.replace(seed=2, lam=0.0)]
+    outcomes, params = train_batched_with_params(cfgs, synthetic_tasks, CPU)
+    assert outcomes[1].divergence is not None and outcomes[1].divergence.task == 2
+    for cfg, got, got_params in zip(cfgs, outcomes, params):
+        want, want_params = single(cfg, synthetic_tasks, monkeypatch)
+        if cfg.lam == diverging_lam:  # same task, epoch, step and reason; parameters are NaN/huge: not compared
+            assert got.divergence == want.divergence
+            assert got.acc_matrix == want.acc_matrix
+            assert got.telemetry[-1]["diverged"] and got.telemetry[-1]["diverged_step"] == want.divergence.step
+            continue
+        assert got.divergence is None
+        assert_same_run(got, got_params, want, want_params, n_test=200)
+    rec = record(cfgs[1].resolved(), [t.name for t in synthetic_tasks], outcomes[1], 0.0, {})
+    assert rec["diverged"] and rec["final_mean_acc"] is None
+    if math.isfinite(base.blowup_factor):  # switched off, the rule's inf is in the config (record's business)
+        json.dumps(rec, allow_nan=False)  # no NaN reaches the record
+
+
+def test_divergence_step_is_exact_in_a_batch(synthetic_tasks, monkeypatch):
+    """A NaN loss at one step of one run is reported at that step, whatever the check interval."""
+    import ewcstab.batched.stack as stack_mod
+
+    real = stack_mod.F.nll_loss
+    calls = {"n": 0}
+
+    def poisoned(logp, target, reduction):
+        calls["n"] += 1
+        loss = real(logp, target, reduction=reduction)
+        if calls["n"] == 20:  # step 8 of task 2 (12 steps per task): poison run 1's samples only
+            loss = loss.clone().view(3, -1)
+            loss[1] = float("nan")
+            loss = loss.view(-1)
+        return loss
+
+    monkeypatch.setattr(stack_mod.F, "nll_loss", poisoned)
+    base = RunConfig(method="fisher", lam=1.0, epochs=1, batch_size=50, importance_samples=200,
+                     divergence_check_every=5)
+    outcomes = train_batched([base.replace(seed=s) for s in range(3)], synthetic_tasks, CPU)
+    d = outcomes[1].divergence
+    assert (d.task, d.epoch, d.step, d.reason) == (2, 1, 8, "non-finite loss")
+    assert outcomes[0].divergence is None and outcomes[2].divergence is None
+    assert [len(o.acc_matrix) for o in outcomes] == [3, 1, 3]
+
+
+def test_runs_per_batch_changes_the_speed_not_the_results(synthetic_tasks):
+    base = RunConfig(method="si", variant="stabilized", epochs=1, batch_size=100, importance_samples=200)
+    cfgs = [base.replace(seed=seed, lam=lam) for seed, lam in RUNS]
+    one_batch, params = train_batched_with_params(cfgs, synthetic_tasks, CPU, runs_per_batch=3)
+    split, split_params = train_batched_with_params(cfgs, synthetic_tasks, CPU, runs_per_batch=2)
+    assert [o.acc_matrix for o in one_batch] == [o.acc_matrix for o in split]
+    for a, b in zip(params, split_params):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_runs_may_differ_only_in_seed_and_lam():
+    base = RunConfig(method="mas", epochs=1)
+    assert check_batchable([base.replace(seed=1, lam=2.0), base.replace(seed=5, lam=0.0)]).method == "mas"
+    with pytest.raises(ConfigError, match=r"epochs: run 1 has 2 but run 0 has 1; .* only in seed and lam"):
+        check_batchable([base, base.replace(epochs=2)])
+    with pytest.raises(ConfigError, match=r"variant: run 2 has 'stabilized'"):
+        check_batchable([base, base.replace(seed=3), base.replace(variant="stabilized")])
+    with pytest.raises(ConfigError, match="at least one"):
+        check_batchable([])
+    # None defaults are compared resolved: the sequence spelled out equals the arch's default
+    check_batchable([base, base.replace(sequence="permuted_mnist", n_tasks=10, alpha=base.lr)])
+
+
+def test_other_architectures_fall_back_to_the_single_run_path(synthetic_tasks, monkeypatch):
+    seen = []
+    monkeypatch.setattr(engine, "run_sequence", lambda cfg, *a, **k: seen.append(cfg) or train_mod.RunOutcome())
+    cfgs = [RunConfig(arch="cnn", method="si", lam=lam, seed=s) for s, lam in RUNS]
+    outcomes, params = train_batched_with_params(cfgs, synthetic_tasks, CPU)
+    assert seen == cfgs and len(outcomes) == 3 and params == [None] * 3
+
+
+def test_execute_batched_writes_the_single_run_records(data_root):
+    base = RunConfig(method="fisher", n_tasks=2, epochs=1, train_subset=1000, test_subset=500,
+                     importance_samples=300, data_root=str(data_root), download=False, device="cpu")
+    cfgs = [base.replace(seed=4, lam=5.0), base.replace(seed=9, lam=50.0)]
+    records = execute_batched(cfgs)
+    want = execute(cfgs[1])
+    got = records[1]
+    assert got.keys() - {"batch"} == want.keys()
+    assert got["batch"] == {"runs": 2, "index": 1, "wall_seconds": got["batch"]["wall_seconds"], "runs_per_batch": 4}
+    assert got["config"] == want["config"] and got["tasks"] == want["tasks"]
+    for row_got, row_want in zip(got["acc_matrix"], want["acc_matrix"], strict=True):
+        assert all(abs(a - b) * 500 <= 1 for a, b in zip(row_got, row_want, strict=True))
+    assert got["provenance"]["data_sha256"] == want["provenance"]["data_sha256"]
+    json.dumps(records, allow_nan=False)
+
+
+def batched_cli(argv: list[str]) -> int:
+    """The batched subcommands on a parser of their own (``ewcstab.cli`` lists them once wired)."""
+    import argparse
+
+    from ewcstab.batched import benchmark, command
+
+    parser = argparse.ArgumentParser(prog="ewcstab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    command.register(sub)
+    benchmark.register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_run_batched_command_writes_one_record_per_run(data_root, tmp_path):
+    outs = [tmp_path / f"seed{s}_lam{lam}.json" for s in (0, 1) for lam in (0.0, 20.0)]
+    code = batched_cli(["run-batched", "--method", "mas", "--tasks", "2", "--epochs", "1", "--train-subset", "500",
+                        "--test-subset", "200", "--importance-samples", "100", "--device", "cpu",
+                        "--data-root", str(data_root), "--seeds", "0", "1", "--lams", "0", "20", "--no-progress",
+                        "--out", *map(str, outs)])
+    assert code == 0
+    recs = [json.loads(p.read_text()) for p in outs]
+    assert [(r["seed"], r["config"]["lam"]) for r in recs] == [(0, 0.0), (0, 20.0), (1, 0.0), (1, 20.0)]
+    assert all(len(r["acc_matrix"]) == 2 and r["batch"]["runs"] == 4 for r in recs)
+
+
+def test_run_batched_command_needs_one_out_per_run(tmp_path):
+    with pytest.raises(ConfigError, match=r"out: 1 file\(s\) given for 2 runs"):
+        batched_cli(["run-batched", "--seeds", "0", "1", "--out", str(tmp_path / "a.json")])
+
+
+def test_floor_counts_the_paper_protocol():
+    from ewcstab.batched.benchmark import extrapolate, protocol_flops
+
+    flops = protocol_flops("fisher")
+    assert flops["steps"] == 36_000
+    assert flops["train"] == pytest.approx(36_000 * 3 * 2 * 100 * (784 * 300 + 300 * 150 + 150 * 10))
+    assert flops["evaluation"] == pytest.approx(55 * 10_000 * 2 * 281_700)
+    assert protocol_flops("si")["importance"] == 0.0
+    # 2 measured tasks of 100 steps: 1 ms/step, then 2 ms/step; 0.5 s importance; 0.3 s per test set
+    ext = extrapolate([0.1, 0.2], [0.5], wall=0.1 + 0.2 + 0.5 + 3 * 0.3, steps_per_task=100)
+    assert ext["full_run_seconds"] == pytest.approx(0.001 * 3600 + 0.002 * 3600 * 9 + 0.5 * 9 + 0.3 * 55)
