@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import torch
 from ewcstab.interfaces import Task
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Subprocesses (Snakemake jobs) must find this environment's `ewcstab` console script even
+# when the environment is not activated (CI calls .venv/bin/python -m pytest).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # The tests train tiny models: one thread avoids oversubscribing the CPU when Snakemake
 # jobs run beside them (2 threads on a loaded 2-core machine were 30x slower here).

@@ -68,7 +68,8 @@ def test_killed_worker_loses_at_most_its_running_trial(tmp_path, data_root):
             study = optuna.load_study(study_name="shared", storage=storage)
         except KeyError:  # study not created yet
             continue
-        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs]
+        # a trial that has drawn its lambda (killed before that, it would have no params to retry)
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "lam" in t.params]
         if running:
             victim = running[0]
     assert victim is not None, "no trial started"

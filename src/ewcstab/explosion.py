@@ -126,7 +126,7 @@ def per_run(runs: pd.DataFrame) -> pd.DataFrame:
         "nonfinite_grad_steps": ("nonfinite_grad_steps", "sum"),
         **{c: (c, "max") for c in tel_max},
     }
-    out = runs.groupby(RUN_KEY, sort=True, dropna=False).agg(**agg).reset_index()
+    out = runs.groupby([*RUN_KEY, "source"], sort=True, dropna=False).agg(**agg).reset_index()
     out["diverged"] = out["diverged"].astype(bool)
     return out
 

@@ -204,10 +204,11 @@ class _ChainWalker:
         # sum would leave a rounding residue there, and at high sparsity such exact values decide ties.
         self.x_nonzero = (self.xt != 0).to(torch.float32)  # (d0, N)
         self.support = (self.w1 != 0).to(torch.float32) @ self.x_nonzero  # (d1, N)
-        # A lower bound on each row's smallest support (pruning one weight lowers it by at most 1), so
-        # only rows whose bound reached 0 are searched for exact-bias entries.
-        self.support_bound = self.support.amin(1)  # (d1,)
-        self.touched = torch.zeros(self.d1, dtype=torch.bool, device=x.device)  # rows changed this level
+        # Once set, an entry without support stays exact: later weight pruning subtracts w * 0 = 0 from it
+        # and bias pruning gives b - b = 0. So only entries whose support *reaches* 0 need setting. A lower
+        # bound on each row's smallest positive support (pruning one weight lowers it by at most 1) tells
+        # which rows may hold such entries; only those rows are searched.
+        self.support_bound = _min_positive(self.support)  # (d1,)
         self.later = [
             (layer.weight.detach().clone(), _bias(layer).clone()) for layer in chain.layers[1:]
         ]  # masked copies, zeroed in place
@@ -233,8 +234,6 @@ class _ChainWalker:
         if kind == "b1":
             self.z1[idx] -= self.b1[idx, None]  # (m, N); each bias is pruned once, idx has no repeats
             self.b1_masked[idx] = 0.0
-            self.support_bound[idx] = 0.0  # entries without support must now read exactly 0
-            self.touched[idx] = True
             return True
         unit, feature = idx // self.d0, idx % self.d0  # W1[o, i] has flat index o * d0 + i
         weight = self.w1.view(-1)[idx]
@@ -243,18 +242,16 @@ class _ChainWalker:
         self.z1.addmm_(_csr_rows(unit, feature, weight.to(self.z1.dtype), shape), self.xt, alpha=-1.0)  # z1 -= P X^T
         self.support.addmm_(_csr_rows(unit, feature, contributes, shape), self.x_nonzero, alpha=-1.0)
         self.support_bound.index_add_(0, unit, contributes, alpha=-1.0)
-        self.touched[unit] = True
         return True
 
     def refresh(self) -> None:
         """Exact masked bias where no unpruned input contributes, then h1 = act(z1) in float32 (no
         activation when the first layer is the last)."""
-        rows = ((self.support_bound <= 0) & self.touched).nonzero().squeeze(1)
+        rows = (self.support_bound <= 0).nonzero().squeeze(1)
         if rows.numel():
             support = self.support[rows]  # (r, N)
             self.z1[rows] = torch.where(support == 0, self.b1_masked[rows, None], self.z1[rows])
-            self.support_bound[rows] = support.amin(1)
-        self.touched.zero_()
+            self.support_bound[rows] = _min_positive(support)
         self.h1.copy_(self.z1)
         if self.later:
             self.chain.activation_(self.h1)
@@ -273,6 +270,11 @@ class _ChainWalker:
     def correct(self) -> Tensor:
         """Number of correct predictions of the current masked network (a device scalar)."""
         return (self.logits().argmax(1) == self.y).sum()
+
+
+def _min_positive(support: Tensor) -> Tensor:
+    """Per row, the smallest positive entry (inf for a row without one)."""
+    return torch.where(support > 0, support, torch.inf).amin(1)
 
 
 def _bias(layer: nn.Linear) -> Tensor:
