@@ -358,12 +358,14 @@ def test_summary_thresholds_and_paper_grid(tmp_path):
     assert row["ci95"] == pytest.approx(4.303 * np.std([0, 0.001, 0.002]) / math.sqrt(3), rel=1e-3)
     paper = pd.DataFrame({"scope": "global", "importance": "magnitude", "sparsity": [0, 0.5, 0.8, 0.9],
                           "mean_acc": [0.97, 0.97, 0.965, 0.90], "ci95": 0.001, "n_runs": 10})
-    thr = thresholds_table(summary, paper).set_index(["importance", "tolerance"])
-    assert thr.loc[("magnitude", 0.01), "threshold"] == pytest.approx(0.8 + 0.01)
-    assert thr.loc[("magnitude", 0.01), "threshold_paper_grid"] == 0.8
-    assert thr.loc[("magnitude", 0.05), "paper_threshold"] == 0.8
-    assert thr.loc[("fisher", 0.05), "threshold"] == pytest.approx(0.55)
-    assert np.isnan(thr.loc[("fisher", 0.05), "paper_threshold"])
+    thr = thresholds_table(summary, paper).set_index("importance")  # one row per (importance, scope)
+    assert len(thr) == 2
+    assert thr.loc["magnitude", "threshold_0.01"] == pytest.approx(0.8 + 0.01)
+    assert thr.loc["magnitude", "threshold_paper_grid_0.01"] == 0.8
+    assert thr.loc["magnitude", "paper_threshold_0.05"] == 0.8
+    assert thr.loc["magnitude", "paper_grid"] == "0 0.5 0.8 0.9"
+    assert thr.loc["fisher", "threshold_0.05"] == pytest.approx(0.55)
+    assert np.isnan(thr.loc["fisher", "paper_threshold_0.05"])
     comp = compare_at(summary, paper, [0.5, 0.9])
     assert len(comp) == 4
     md = thresholds_markdown(thresholds_table(summary, paper), comp)
@@ -387,11 +389,12 @@ def test_cli_prune_summary(tmp_path):
     args = parser.parse_args([
         "prune-summary", "--inputs", *inputs, "--curves-out", str(tmp_path / "c.csv"),
         "--thresholds-out", str(tmp_path / "t.csv"), "--thresholds-md", str(tmp_path / "t.md"),
-        "--paper", str(paper),
+        "--paper", str(paper), "--all-out", str(tmp_path / "all.csv"),
     ])
     assert args.func(args) == 0
     assert len(pd.read_csv(tmp_path / "c.csv")) == 2 * 101
-    assert len(pd.read_csv(tmp_path / "t.csv")) == 2 * 2
+    assert len(pd.read_csv(tmp_path / "t.csv")) == 2  # one row per (importance, scope)
+    assert len(pd.read_csv(tmp_path / "all.csv")) == len(curves)
     assert (tmp_path / "t.md").read_text().startswith("# Pruning")
     args = parser.parse_args(["prune", "--out", str(tmp_path / "x.csv"), "--importance-data", "heldout",
                               "--importances", "magnitude", "nonsense"])

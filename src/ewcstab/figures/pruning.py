@@ -60,7 +60,8 @@ def plot_pruning_curves(curves: pd.DataFrame, scope: str, paper: pd.DataFrame | 
         style.percent_axis(ax.yaxis)
         if style.first_in_row(ax):
             ax.set_ylabel("test accuracy after pruning")
-    fig.suptitle(f"Pruning by weight importance, {style.SCOPE_NAMES.get(scope, scope)}")
+    # two lines: a one-panel figure is too narrow for the scope's long name on one line
+    fig.suptitle(f"Pruning by weight importance\n{style.SCOPE_NAMES.get(scope, scope)}")
     handles = [Line2D([], [], color=style.color_of(i, style.IMPORTANCE_COLORS), lw=2.5,
                       label=f"{style.IMPORTANCE_NAMES.get(i, i)}: mean ± 95% CI") for i in drawn]
     if paper_drawn:

@@ -328,6 +328,8 @@ def pruning_curve(
     scope: global | per_layer (``ranking``). method: auto (fast for linear chains, else direct) |
     fast | direct. x, y: evaluation set on the model's device. ``model`` is not modified.
     acc_dtype: dtype of the fast path's running first-layer pre-activation (float64: no drift).
+    The walk is a long loop of small kernels: on a CPU shared with other busy processes one torch
+    thread is several times faster than two, whose threads keep waiting on each other.
     """
     if method not in CURVE_METHODS:
         raise ValueError(f"method: {method!r} is not allowed; allowed: {', '.join(CURVE_METHODS)}")

@@ -89,37 +89,52 @@ def _key(values: pd.Series | np.ndarray) -> np.ndarray:
     return np.round(np.asarray(values, dtype=float), _KEY_DECIMALS)
 
 
+def threshold_column(value: str, tolerance: float) -> str:
+    """Column of the threshold table holding ``value`` (threshold | threshold_paper_grid |
+    paper_threshold) at ``tolerance``: e.g. threshold_0.01."""
+    return f"{value}_{tolerance:g}"
+
+
+THRESHOLD_VALUES = ("threshold", "threshold_paper_grid", "paper_threshold")
+
+
 def thresholds_table(
     summary: pd.DataFrame, paper: pd.DataFrame | None = None, tolerances: Iterable[float] = TOLERANCES
 ) -> pd.DataFrame:
-    """One row per (GROUP, tolerance): our thresholds (full grid and paper grid) and the paper's.
+    """One row per curve (GROUP): our thresholds and the paper's at every tolerance d.
 
-    Columns: GROUP, tolerance, acc_unpruned, threshold (our grid), threshold_paper_grid (our mean
-    curve at the paper's sparsities only), paper_acc_unpruned, paper_threshold (paper grid),
-    paper_grid (the sparsities the paper's threshold is computed over). The paper's values are
-    matched on (importance, scope); the paper's setting is arch mlp, importance data test.
+    Columns: GROUP, n_runs, acc_unpruned, paper_acc_unpruned, then per d: threshold_d (our full
+    grid), threshold_paper_grid_d (our mean curve at the paper's sparsities only), paper_threshold_d
+    (the paper's table, over its sparsities); last paper_grid, the sparsities the paper lists. The
+    paper's values are matched on (importance, scope); its setting is arch mlp, importance data test.
     """
+    tolerances = list(tolerances)
     rows = []
     for key, part in summary.groupby(GROUP, sort=True):
         importance, scope = key[2], key[3]
         s, a = part["sparsity"].to_numpy(), part["mean_acc"].to_numpy()
-        ref = None
-        if paper is not None:
-            ref = paper[(paper["importance"] == importance) & (paper["scope"] == scope)]
-            ref = ref if len(ref) else None
+        row = dict(zip(GROUP, key), n_runs=int(part["n_runs"].min()), acc_unpruned=float(a[s == 0.0][0]))
+        ref = None if paper is None else paper[(paper["importance"] == importance) & (paper["scope"] == scope)]
+        has_ref = ref is not None and len(ref) > 0
+        if has_ref:
+            ps, pa = ref["sparsity"].to_numpy(dtype=float), ref["mean_acc"].to_numpy(dtype=float)
+            on_grid = np.isin(_key(s), _key(ps))
+        row["paper_acc_unpruned"] = float(pa[ps == 0.0][0]) if has_ref else np.nan
         for tol in tolerances:
-            row = dict(zip(GROUP, key), tolerance=tol, acc_unpruned=float(a[s == 0.0][0]))
-            row["threshold"] = threshold_sparsity(s, a, tol)
-            row.update(threshold_paper_grid=np.nan, paper_acc_unpruned=np.nan, paper_threshold=np.nan, paper_grid="")
-            if ref is not None:
-                on_grid = np.isin(_key(s), _key(ref["sparsity"]))
-                row["threshold_paper_grid"] = threshold_sparsity(s[on_grid], a[on_grid], tol)
-                ps, pa = ref["sparsity"].to_numpy(dtype=float), ref["mean_acc"].to_numpy(dtype=float)
-                row["paper_acc_unpruned"] = float(pa[ps == 0.0][0])
-                row["paper_threshold"] = threshold_sparsity(ps, pa, tol)
-                row["paper_grid"] = " ".join(f"{v:g}" for v in np.sort(ps))
-            rows.append(row)
+            row[threshold_column("threshold", tol)] = threshold_sparsity(s, a, tol)
+            row[threshold_column("threshold_paper_grid", tol)] = (
+                threshold_sparsity(s[on_grid], a[on_grid], tol) if has_ref else np.nan
+            )
+            row[threshold_column("paper_threshold", tol)] = threshold_sparsity(ps, pa, tol) if has_ref else np.nan
+        row["paper_grid"] = " ".join(f"{v:g}" for v in np.sort(ps)) if has_ref else ""
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def tolerances_of(thresholds: pd.DataFrame) -> list[float]:
+    """The tolerances a threshold table holds, read back from its column names."""
+    prefix = "paper_threshold_"
+    return [float(c[len(prefix):]) for c in thresholds.columns if c.startswith(prefix)]
 
 
 def compare_at(
@@ -162,9 +177,6 @@ def _pm(mean: float, half: float) -> str:
     return f"{mean:.4f}" if np.isnan(half) else f"{mean:.4f} ± {half:.4f}"
 
 
-THRESHOLD_HEADS = (("threshold", "ours"), ("threshold_paper_grid", "ours (paper grid)"), ("paper_threshold", "paper"))
-
-
 def thresholds_markdown(thresholds: pd.DataFrame, comparison: pd.DataFrame | None = None) -> str:
     """The threshold table (ours vs the paper) and, optionally, accuracies at selected sparsities."""
     parts = [
@@ -177,21 +189,12 @@ def thresholds_markdown(thresholds: pd.DataFrame, comparison: pd.DataFrame | Non
         "so they are directly comparable; the paper's setting is arch mlp with importances on the test set.",
         "",
     ]
-    tolerances = sorted(thresholds["tolerance"].unique())
-    rows = []
-    for key, part in thresholds.groupby(GROUP, sort=True):  # one row per curve, one column set per tolerance
-        row = dict(zip(GROUP, key))
-        for tol in tolerances:
-            at = part[part["tolerance"] == tol].iloc[0]
-            row.update({f"{value}@{tol:g}": at[value] for value, _ in THRESHOLD_HEADS})
-        rows.append(row)
-    wide = pd.DataFrame(rows)
     cols, heads = list(GROUP), ["arch", "importance data", "importance", "scope"]
-    for tol in tolerances:
-        for value, head in THRESHOLD_HEADS:
-            cols.append(f"{value}@{tol:g}")
+    for tol in tolerances_of(thresholds):
+        for value, head in zip(THRESHOLD_VALUES, ("ours", "ours (paper grid)", "paper")):
+            cols.append(threshold_column(value, tol))
             heads.append(f"{head}, d={tol:g}")
-    parts.append(markdown_table(wide, cols, heads))
+    parts.append(markdown_table(thresholds, cols, heads))
     if comparison is not None and len(comparison):
         parts += ["", "## Mean test accuracy at selected sparsities (± 95% half-width)", ""]
         comp = comparison.assign(
