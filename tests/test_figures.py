@@ -283,7 +283,11 @@ def test_report_shows_every_figure_table_and_page(tiny_workflow):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     html = (tiny_workflow / "results/report.html").read_text()
     pngs = sorted((tiny_workflow / "results/figures").rglob("*.png"))
-    assert [p.name for p in pngs] == ["lambda_search.png", "search_trials.png", "task_curves.png"]
+    assert sorted(str(p.relative_to(tiny_workflow / "results/figures")) for p in pngs) == [
+        "explosion/accuracy_vs_lambda.png", "explosion/grad_norm_traces.png",
+        "mlp/lambda_search.png", "mlp/search_trials.png", "mlp/task_curves.png",
+        "pruning/global.png", "pruning/per_layer.png",
+    ]
     for png in pngs:
         assert png.with_suffix(".pdf").exists()
         assert f'"{png.relative_to(tiny_workflow)}"' in html
