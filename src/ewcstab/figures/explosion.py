@@ -171,7 +171,7 @@ def plot_explosion_traces(traces: pd.DataFrame) -> Figure:
             ax.set_yscale("log")
             lam = ", ".join(f"{v:g}" for v in sorted(part["lam"].unique()))
             method = ", ".join(style.METHOD_NAMES.get(m, m) for m in sorted(part["method"].unique()))
-            ax.set_title(f"{SHORT_ARCH.get(arch, arch)}, {opt}: λ = {lam} ({method})", fontsize="medium")
+            ax.set_title(f"{SHORT_ARCH.get(arch, arch)}, {opt}: λ = {lam}, {method}", fontsize="medium")
             ax.set_xlabel("optimizer step (all tasks)" if i == len(archs) - 1 else "")
             if j == 0:
                 ax.set_ylabel("total gradient norm ‖g‖\n(before clipping, log scale)")
