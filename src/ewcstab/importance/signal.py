@@ -144,7 +144,20 @@ class _Conv2dRule(_Rule):
         return out
 
 
-class _BatchNormRule(_Rule):
+class _NormRule(_Rule):
+    """Norm layers: |gamma_c| * mean |normalised input_c|; beta: mean |output_c|."""
+
+    def importance(self) -> dict[str, Tensor]:
+        m = self.module
+        out: dict[str, Tensor] = {}
+        if m.weight is not None:
+            out["weight"] = m.weight.detach().abs() * self.inputs.mean()
+        if m.bias is not None:
+            out["bias"] = self.outputs.mean()
+        return out
+
+
+class _BatchNormRule(_NormRule):
     """x (N, C, *), normalised with the statistics the module uses in its current mode."""
 
     def observe(self, x: Tensor, a: Tensor) -> None:
@@ -159,17 +172,7 @@ class _BatchNormRule(_Rule):
         self.inputs.add(x_hat.abs().sum(dims), rows)
         self.outputs.add(a.abs().sum(dims), rows)
 
-    def importance(self) -> dict[str, Tensor]:
-        m = self.module
-        out: dict[str, Tensor] = {}
-        if m.weight is not None:
-            out["weight"] = m.weight.detach().abs() * self.inputs.mean()
-        if m.bias is not None:
-            out["bias"] = self.outputs.mean()
-        return out
-
-
-class _LayerNormRule(_Rule):
+class _LayerNormRule(_NormRule):
     """x (..., *normalized_shape); every leading index is one row."""
 
     def observe(self, x: Tensor, a: Tensor) -> None:
@@ -178,16 +181,6 @@ class _LayerNormRule(_Rule):
         rows = x.numel() // math.prod(shape)
         self.inputs.add(x_hat.abs().reshape(-1, *shape).sum(0), rows)
         self.outputs.add(a.abs().reshape(-1, *shape).sum(0), rows)
-
-    def importance(self) -> dict[str, Tensor]:
-        m = self.module
-        out: dict[str, Tensor] = {}
-        if m.weight is not None:
-            out["weight"] = m.weight.detach().abs() * self.inputs.mean()
-        if m.bias is not None:
-            out["bias"] = self.outputs.mean()
-        return out
-
 
 class _AdditiveRule(_Rule):
     """Every own parameter is added (broadcast) to the module's output: the bias rule at its resolution."""
