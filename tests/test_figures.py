@@ -292,7 +292,9 @@ def test_report_shows_every_figure_table_and_page(tiny_workflow):
         assert png.with_suffix(".pdf").exists()
         assert f'"{png.relative_to(tiny_workflow)}"' in html
         assert base64.b64encode(png.read_bytes()).decode() in html, f"{png.name} is not embedded"
-    for page in ("table1_continual", "continual_runs", "provenance", "configuration"):
+    # Table 1, Table 2 (pruning thresholds), Table 3 (explosion summary) and the other pages
+    for page in ("table1_continual", "pruning_thresholds", "explosion/explosion_summary", "continual_runs",
+                 "provenance", "configuration"):
         assert f'"results/report/{page}.html"' in html
     assert "Reproduction of Kutalev" in html  # workflow/report/workflow.rst
     assert "Sections 2-3: continual learning" in html and "Configuration and provenance" in html

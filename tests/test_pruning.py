@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from test_latex import check_latex_table
 from ewcstab.config import RunConfig
 from ewcstab.importance import build_importance
 from ewcstab.interfaces import Task
@@ -389,13 +390,15 @@ def test_cli_prune_summary(tmp_path):
     args = parser.parse_args([
         "prune-summary", "--inputs", *inputs, "--curves-out", str(tmp_path / "c.csv"),
         "--thresholds-out", str(tmp_path / "t.csv"), "--thresholds-md", str(tmp_path / "t.md"),
-        "--paper", str(paper), "--all-out", str(tmp_path / "all.csv"),
+        "--thresholds-tex", str(tmp_path / "t.tex"), "--paper", str(paper), "--all-out", str(tmp_path / "all.csv"),
     ])
     assert args.func(args) == 0
     assert len(pd.read_csv(tmp_path / "c.csv")) == 2 * 101
     assert len(pd.read_csv(tmp_path / "t.csv")) == 2  # one row per (importance, scope)
     assert len(pd.read_csv(tmp_path / "all.csv")) == len(curves)
     assert (tmp_path / "t.md").read_text().startswith("# Pruning")
+    tex = check_latex_table((tmp_path / "t.tex").read_text())
+    assert len(tex) == 3 and tex[1][:4] == ["mlp", "test", "fisher", "global"]
     args = parser.parse_args(["prune", "--out", str(tmp_path / "x.csv"), "--importance-data", "heldout",
                               "--importances", "magnitude", "nonsense"])
     from ewcstab.config import ConfigError

@@ -2,7 +2,7 @@
 
 ``ewcstab gather``: JSON run records -> one long-format CSV, one row per run and task
 (the mean accuracy after that task). ``ewcstab table``: that CSV plus the searches'
-best lambdas -> Table 1 (CSV and Markdown): per (arch, method, variant) the best lambda,
+best lambdas -> Table 1 (CSV, Markdown and LaTeX): per (arch, method, variant) the best lambda,
 mean accuracy after the last task with its 95% half-width (t(0.975, n-1) * std / sqrt(n),
 ddof = 0, as the paper), runs, diverged runs, the lambda = 0 baseline and the per-task
 curve; the paper's columns come from its reference CSV, and a note says where the paper
@@ -86,7 +86,8 @@ def add_paper_columns(table: pd.DataFrame, paper: pd.DataFrame | None) -> pd.Dat
     return out
 
 
-def to_markdown(table: pd.DataFrame) -> str:
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 as strings: ours and the paper's side by side (the Markdown and LaTeX tables)."""
     show = table.copy()
     fmt = lambda v, d=4: "n/a" if pd.isna(v) else f"{v:.{d}f}"  # noqa: E731
     show["ours: acc (95% CI)"] = [f"{fmt(m)} ± {fmt(c)}" for m, c in zip(show["mean_acc_last"], show["ci95_last"])]
@@ -99,7 +100,25 @@ def to_markdown(table: pd.DataFrame) -> str:
     show["paper: lambda=0"] = [fmt(v) for v in show["paper_acc_lambda0"]]
     cols = ["arch", "method", "variant", "ours: lambda", "paper: lambda", "ours: acc (95% CI)", "paper: acc (95% CI)",
             "n_runs", "n_diverged", "ours: lambda=0", "paper: lambda=0", "paper_note"]
-    return show[cols].to_markdown(index=False) + "\n"
+    return show[cols].rename(columns={"n_runs": "runs", "n_diverged": "diverged", "paper_note": "note"})
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    return display_table(table).to_markdown(index=False) + "\n"
+
+
+TABLE1_CAPTION = (
+    "Best lambda and mean accuracy over all tasks after the last task (± 95% half-width over the final runs) "
+    "per architecture, importance method and EWC variant, beside the paper's numbers."
+)
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    from ewcstab import latex
+
+    notes = ("95% half-width: t(0.975, n-1) · std / sqrt(n), ddof 0. Diverged runs are counted and left out "
+             "of the accuracy. lambda=0: the same runs without the EWC penalty.")
+    return latex.to_latex(display_table(table), TABLE1_CAPTION, "tab:continual", notes)
 
 
 def cmd_gather(args: argparse.Namespace) -> int:
@@ -123,6 +142,8 @@ def cmd_table(args: argparse.Namespace) -> int:
     table = continual_table(runs, best, paper)
     write_text_atomic(args.csv_out, table.to_csv(index=False))
     write_text_atomic(args.md_out, to_markdown(table))
+    if args.tex_out:
+        write_text_atomic(args.tex_out, to_latex(table))
     return 0
 
 
@@ -138,4 +159,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--paper", help="the paper's reference CSV (paper_continual.csv)")
     t.add_argument("--csv-out", required=True)
     t.add_argument("--md-out", required=True)
+    t.add_argument("--tex-out", help="the same table in LaTeX (booktabs)")
     t.set_defaults(func=cmd_table)

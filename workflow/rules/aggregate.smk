@@ -1,4 +1,4 @@
-# Run records -> one long-format CSV -> Table 1 (CSV and Markdown) with the paper's numbers.
+# Run records -> one long-format CSV -> Table 1 (CSV, Markdown and LaTeX) with the paper's numbers.
 
 
 rule gather_runs:
@@ -29,6 +29,7 @@ rule make_table1:
     output:
         csv=TABLE1[0],
         md=TABLE1[1],
+        tex=TABLE1[2],
     log:
         "logs/aggregate/make_table1.log",
     benchmark:
@@ -41,4 +42,4 @@ rule make_table1:
         runtime=get_resources("aggregate").get("runtime", 10),
     shell:
         "ewcstab table --runs {input.runs} --search {input.search} --paper {input.paper}"
-        " --csv-out {output.csv} --md-out {output.md} 2> {log}"
+        " --csv-out {output.csv} --md-out {output.md} --tex-out {output.tex} 2> {log}"

@@ -105,6 +105,7 @@ rule summarize_explosion:
     output:
         csv=EXPLOSION_SUMMARY[0],
         md=EXPLOSION_SUMMARY[1],
+        tex=EXPLOSION_SUMMARY[2],
     log:
         "logs/explosion/summarize.log",
     benchmark:
@@ -117,7 +118,7 @@ rule summarize_explosion:
         runtime=get_resources("aggregate").get("runtime", 10),
     shell:
         "ewcstab explosion-summary --runs {input} --csv-out {output.csv} --md-out {output.md}"
-        " 2> {log}"
+        " --tex-out {output.tex} 2> {log}"
 
 
 rule gather_explosion_traces:

@@ -35,6 +35,7 @@ rule summarize_pruning:
         mean=PRUNING_MEAN_TABLE,
         thresholds=PRUNING_THRESHOLDS,
         md=PRUNING_THRESHOLDS_MD,
+        tex=PRUNING_THRESHOLDS_TEX,
     log:
         "logs/pruning/summary.log",
     benchmark:
@@ -50,4 +51,4 @@ rule summarize_pruning:
     shell:
         "ewcstab prune-summary --inputs {input.nets} {params.paper} --all-out {output.curves}"
         " --curves-out {output.mean} --thresholds-out {output.thresholds}"
-        " --thresholds-md {output.md} 2> {log}"
+        " --thresholds-md {output.md} --thresholds-tex {output.tex} 2> {log}"

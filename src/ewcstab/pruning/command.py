@@ -48,7 +48,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_prune_summary(args: argparse.Namespace) -> int:
     from ewcstab.io import write_text_atomic
     from ewcstab.pruning.summary import (
-        compare_at, read_curves, read_paper, summarise_curves, thresholds_markdown, thresholds_table,
+        compare_at, read_curves, read_paper, summarise_curves, thresholds_latex, thresholds_markdown,
+        thresholds_table,
     )
 
     curves = read_curves(args.inputs)
@@ -63,6 +64,8 @@ def cmd_prune_summary(args: argparse.Namespace) -> int:
         write_text_atomic(args.thresholds_out, thresholds.to_csv(index=False))
     if args.thresholds_md:
         write_text_atomic(args.thresholds_md, thresholds_markdown(thresholds, comparison))
+    if args.thresholds_tex:
+        write_text_atomic(args.thresholds_tex, thresholds_latex(thresholds))
     if args.comparison_out:
         write_text_atomic(args.comparison_out, comparison.to_csv(index=False))
     log.info("%d networks' curves summarised -> %s", summary["n_runs"].max(), args.curves_out)
@@ -119,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--all-out", metavar="CSV", help="every network's curves in one tidy table")
     s.add_argument("--thresholds-out", metavar="CSV", help="threshold table to write")
     s.add_argument("--thresholds-md", metavar="MD", help="markdown report (thresholds and selected sparsities)")
+    s.add_argument("--thresholds-tex", metavar="TEX", help="the threshold table in LaTeX (booktabs)")
     s.add_argument("--comparison-out", metavar="CSV", help="accuracy at --compare-at sparsities, ours and the paper's")
     s.add_argument("--paper", metavar="CSV", help="the paper's pruning table (paper_pruning.csv) to compare with")
     s.add_argument("--tolerances", nargs="+", type=float, default=list(TOLERANCES),

@@ -177,6 +177,35 @@ def _pm(mean: float, half: float) -> str:
     return f"{mean:.4f}" if np.isnan(half) else f"{mean:.4f} ± {half:.4f}"
 
 
+def _threshold_columns(thresholds: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Columns of the threshold table shown to readers, and their headers."""
+    cols, heads = list(GROUP), ["arch", "importance data", "importance", "scope"]
+    for tol in tolerances_of(thresholds):
+        for value, head in zip(THRESHOLD_VALUES, ("ours", "ours (paper grid)", "paper")):
+            cols.append(threshold_column(value, tol))
+            heads.append(f"{head}, d={tol:g}")
+    return cols, heads
+
+
+def thresholds_display(thresholds: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 as strings (the LaTeX table): thresholds at each tolerance, ours and the paper's."""
+    cols, heads = _threshold_columns(thresholds)
+    return pd.DataFrame({h: [_fmt(v) for v in thresholds[c]] for c, h in zip(cols, heads)})
+
+
+def thresholds_latex(thresholds: pd.DataFrame) -> str:
+    """Table 2 in LaTeX (booktabs)."""
+    from ewcstab import latex
+
+    caption = ("Pruning thresholds: the largest fraction of parameters pruned (lowest importance first) at which the "
+               "mean test accuracy stays within d of the unpruned network's, per importance and scope.")
+    grid = thresholds["paper_grid"].iloc[0] if len(thresholds) and thresholds["paper_grid"].iloc[0] else "n/a"
+    notes = (f"ours: over our full sparsity grid; ours (paper grid) and paper: over the sparsities the paper's "
+             f"table lists ({grid}), directly comparable. The paper's setting is the MLP with importances on the "
+             "test set.")
+    return latex.to_latex(thresholds_display(thresholds), caption, "tab:pruning-thresholds", notes)
+
+
 def thresholds_markdown(thresholds: pd.DataFrame, comparison: pd.DataFrame | None = None) -> str:
     """The threshold table (ours vs the paper) and, optionally, accuracies at selected sparsities."""
     parts = [
@@ -189,11 +218,7 @@ def thresholds_markdown(thresholds: pd.DataFrame, comparison: pd.DataFrame | Non
         "so they are directly comparable; the paper's setting is arch mlp with importances on the test set.",
         "",
     ]
-    cols, heads = list(GROUP), ["arch", "importance data", "importance", "scope"]
-    for tol in tolerances_of(thresholds):
-        for value, head in zip(THRESHOLD_VALUES, ("ours", "ours (paper grid)", "paper")):
-            cols.append(threshold_column(value, tol))
-            heads.append(f"{head}, d={tol:g}")
+    cols, heads = _threshold_columns(thresholds)
     parts.append(markdown_table(thresholds, cols, heads))
     if comparison is not None and len(comparison):
         parts += ["", "## Mean test accuracy at selected sparsities (± 95% half-width)", ""]
