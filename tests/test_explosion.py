@@ -21,9 +21,11 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from conftest import REPO  # noqa: E402
+from test_latex import check_latex_table  # noqa: E402
 from ewcstab import cli  # noqa: E402
 from ewcstab.explosion import (  # noqa: E402
-    RUN_COLUMNS, SUMMARY_COLUMNS, TRACE_COLUMNS, gather_runs, gather_traces, per_run, summarize, summary_markdown,
+    RUN_COLUMNS, SUMMARY_COLUMNS, TRACE_COLUMNS, claims, gather_runs, gather_traces, per_run, summarize,
+    summary_markdown,
 )
 from ewcstab.figures.explosion import plot_explosion_accuracy, plot_explosion_traces  # noqa: E402
 from ewcstab.metrics import mean_ci95  # noqa: E402
@@ -138,11 +140,14 @@ def test_summary_when_every_run_diverged_has_no_accuracy(tmp_path):
 
 
 def test_cli_gather_summary_traces(records, tmp_path):
-    runs_csv, csv, md, tr = (tmp_path / n for n in ("runs.csv", "s.csv", "s.md", "traces.csv"))
+    runs_csv, csv, md, tex, tr = (tmp_path / n for n in ("runs.csv", "s.csv", "s.md", "s.tex", "traces.csv"))
     assert cli.main(["explosion-gather", "--records", *map(str, records), "--out", str(runs_csv)]) == 0
-    assert cli.main(["explosion-summary", "--runs", str(runs_csv), "--csv-out", str(csv), "--md-out", str(md)]) == 0
+    assert cli.main(["explosion-summary", "--runs", str(runs_csv), "--csv-out", str(csv), "--md-out", str(md),
+                     "--tex-out", str(tex)]) == 0
     table = pd.read_csv(csv)
     assert len(table) == 6 and table["n_diverged"].sum() == 1
+    rows = check_latex_table(tex.read_text())
+    assert len(rows) == 1 + 6 and [r[6] for r in rows[1:]].count("1") == 1  # the diverged column
     traced = tmp_path / "traced.json"
     traced.write_text(json.dumps(record(trace=True, diverge_task=2)))
     assert cli.main(["explosion-traces", "--records", str(traced), "--out", str(tr)]) == 0
@@ -228,6 +233,8 @@ def test_workflow_writes_the_study_tables_and_figures(tiny_workflow):
     assert (summary["n_diverged"] == summary["mean_acc"].isna()).all()  # 1 seed: diverged <=> no accuracy
     md = (tiny_workflow / "results/tables/explosion_summary.md").read_text()
     assert md.count("\n|") == len(summary) + 1  # the separator line and one per row
+    tex = check_latex_table((tiny_workflow / "results/tables/explosion_summary.tex").read_text())
+    assert len(tex) == 1 + len(summary)
     traces = pd.read_csv(tiny_workflow / "results/tables/explosion_traces.csv")
     assert set(traces["arch"]) == {"attention"} and traces.groupby("variant")["lam"].first().eq(1e5).all()
     assert set(traces["variant"]) == {"original", "stabilized", "clipped"}
@@ -281,3 +288,29 @@ def test_lam_labels_in_paths_round_trip():
         assert float(label) == lam and not label.endswith(".0")
         assert re.fullmatch(r"[0-9][0-9.e+-]*", label)
     assert ns["lam_label"](1e6) == "1000000" and np.isfinite(float(ns["lam_label"](1e20)))
+
+
+def _summary_row(variant, lam, mean, ci=0.01, n_div=0, n=3, optimizer="sgd"):
+    return {"arch": "mlp", "method": "fisher", "variant": variant, "optimizer": optimizer, "lam": lam,
+            "n_runs": n, "n_diverged": n_div, "mean_acc": mean, "ci95": ci}
+
+
+def test_claims_follow_their_rules():
+    summary = pd.DataFrame([
+        _summary_row("original", 1, 0.80), _summary_row("original", 100, math.nan, n_div=3),
+        _summary_row("stabilized", 1, 0.805), _summary_row("stabilized", 100, 0.60),
+        _summary_row("clipped", 1, 0.70), _summary_row("clipped", 100, 0.50),
+        # adam: nothing diverges, original at the largest lambda within the CI of stabilized
+        _summary_row("original", 1, 0.80, optimizer="adam"), _summary_row("original", 100, 0.60, optimizer="adam"),
+        _summary_row("stabilized", 1, 0.75, optimizer="adam"), _summary_row("stabilized", 100, 0.61, optimizer="adam"),
+    ])
+    out = claims(summary).set_index("optimizer")
+    sgd, adam = out.loc["sgd"], out.loc["adam"]
+    assert sgd["original_diverged"] == "3/6" and sgd["clipped_diverged"] == "0/6" and sgd["lam_max"] == 100
+    assert sgd["claim_a"] and sgd["claim_b"] and sgd["claim_c"]  # diverged; 0.70 < 0.805 - 0.01; 0.805 >= 0.79
+    assert math.isnan(sgd["original_acc_at_lam_max"]) and sgd["best_original"] == 0.80
+    assert not adam["claim_a"]  # 0.60 vs 0.61 is inside 0.01 + 0.01
+    assert math.isnan(adam["claim_b"]) and adam["clipped_diverged"] == ""  # clipped not run
+    assert not adam["claim_c"]  # 0.75 < 0.80 - 0.01
+    every_diverged = summary.assign(n_diverged=3, mean_acc=math.nan)
+    assert claims(every_diverged)[["claim_b", "claim_c"]].isna().all().all()

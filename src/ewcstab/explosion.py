@@ -162,8 +162,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-def summary_markdown(summary: pd.DataFrame) -> str:
-    """The summary as a Markdown table: accuracy as mean ± 95% CI (n/a when every run diverged)."""
+def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """Table 3 as strings (Markdown and LaTeX): accuracy as mean ± 95% CI (n/a when every run diverged)."""
     def fmt(v: object, spec: str) -> str:
         return "n/a" if v is None or pd.isna(v) else format(v, spec)
 
@@ -179,7 +179,94 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         "max κ": [fmt(v, ".3g") for v in summary["kappa_max"]],
         "clipped steps": [fmt(100 * v, ".1f") + ("" if pd.isna(v) else "%") for v in summary["clipped_fraction"]],
     })
-    return show.to_markdown(index=False) + "\n"
+    return show
+
+
+def summary_markdown(summary: pd.DataFrame) -> str:
+    return summary_display(summary).to_markdown(index=False) + "\n"
+
+
+def summary_latex(summary: pd.DataFrame) -> str:
+    """Table 3 in LaTeX (booktabs)."""
+    from ewcstab import latex
+
+    caption = ("Gradient explosion: plain (original), clipped and stabilized EWC per optimizer and lambda: runs, "
+               "diverged runs, mean accuracy after the last task (± 95% half-width over the runs that did not "
+               "diverge), the largest gradient norm and step gain κ seen, and the share of clipped steps.")
+    notes = ("κ = 2 α c: the penalty's step gain on a weight (≥ 1: a step overshoots the anchor, ≥ 2: plain "
+             "gradient descent diverges). A run is diverged when its loss or gradient becomes non-finite or "
+             "its loss blows up.")
+    return latex.to_latex(summary_display(summary), caption, "tab:explosion", notes)
+
+
+#: The paper's claims about the stabilized penalty (Section 2), as ``claims`` checks them.
+CLAIMS = {
+    "a": "plain EWC diverges or degrades at large lambda",
+    "b": "clipping prevents divergence but retains less than stabilized",
+    "c": "stabilized is never worse than original at its best lambda by more than the 95% CI",
+}
+CLAIM_COLUMNS = [
+    "arch", "method", "optimizer", "lam_max", "original_diverged", "clipped_diverged", "stabilized_diverged",
+    "original_acc_at_lam_max", "stabilized_acc_at_lam_max", "best_original", "best_clipped", "best_stabilized",
+    "claim_a", "claim_b", "claim_c",
+]
+
+
+def _best(part: pd.DataFrame) -> pd.Series | None:
+    """The summary row with the highest mean accuracy (None when every lambda diverged)."""
+    ok = part[part["mean_acc"].notna()]
+    return None if ok.empty else ok.loc[ok["mean_acc"].idxmax()]
+
+
+def _ci(value: float) -> float:
+    return 0.0 if pd.isna(value) else float(value)
+
+
+def claims(summary: pd.DataFrame) -> pd.DataFrame:
+    """The paper's claims (``CLAIMS``) checked per (arch, method, optimizer) on the summary table.
+
+    Each ``claim_*`` is True, False, or NaN where a variant it needs was not run or never trained
+    without diverging. With the largest lambda swept, lam_max:
+      (a) original at lam_max diverged in some run, or its mean accuracy is below stabilized's there
+          by more than the two 95% half-widths together;
+      (b) no clipped run diverged at any lambda, and clipped's best mean accuracy is below
+          stabilized's best by more than the larger of their half-widths;
+      (c) stabilized's best mean accuracy >= original's best minus the larger of their half-widths.
+    ``*_diverged``: diverged runs / runs over every lambda; ``best_*``: the best mean accuracy.
+    """
+    rows = []
+    for (arch, method, opt), part in summary.groupby(["arch", "method", "optimizer"], sort=True):
+        by = {v: part[part["variant"] == v] for v in ("original", "clipped", "stabilized")}
+        lam_max = float(part["lam"].max())
+        at_max = {v: df[df["lam"] == lam_max] for v, df in by.items()}
+        best = {v: _best(df) if len(df) else None for v, df in by.items()}
+        row = {"arch": arch, "method": method, "optimizer": opt, "lam_max": lam_max}
+        for v, df in by.items():
+            row[f"{v}_diverged"] = f"{int(df['n_diverged'].sum())}/{int(df['n_runs'].sum())}" if len(df) else ""
+            row[f"best_{v}"] = math.nan if best[v] is None else float(best[v]["mean_acc"])
+        for v in ("original", "stabilized"):
+            row[f"{v}_acc_at_lam_max"] = float(at_max[v]["mean_acc"].iloc[0]) if len(at_max[v]) else math.nan
+        o, st, cl = at_max["original"], at_max["stabilized"], by["clipped"]
+        if len(o) and len(st):
+            o, st = o.iloc[0], st.iloc[0]
+            margin = _ci(o["ci95"]) + _ci(st["ci95"])
+            row["claim_a"] = bool(o["n_diverged"] > 0 or (pd.notna(st["mean_acc"]) and pd.notna(o["mean_acc"])
+                                                           and o["mean_acc"] < st["mean_acc"] - margin))
+        else:
+            row["claim_a"] = math.nan
+        if len(cl) and best["clipped"] is not None and best["stabilized"] is not None:
+            tol = max(_ci(best["clipped"]["ci95"]), _ci(best["stabilized"]["ci95"]))
+            row["claim_b"] = bool(cl["n_diverged"].sum() == 0
+                                  and best["clipped"]["mean_acc"] < best["stabilized"]["mean_acc"] - tol)
+        else:
+            row["claim_b"] = math.nan
+        if best["original"] is not None and best["stabilized"] is not None:
+            tol = max(_ci(best["original"]["ci95"]), _ci(best["stabilized"]["ci95"]))
+            row["claim_c"] = bool(best["stabilized"]["mean_acc"] >= best["original"]["mean_acc"] - tol)
+        else:
+            row["claim_c"] = math.nan
+        rows.append(row)
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 
 def trace_rows(rec: dict, source: str = "") -> list[dict]:
@@ -222,6 +309,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     summary = summarize(pd.read_csv(args.runs))
     write_text_atomic(args.csv_out, summary.to_csv(index=False))
     write_text_atomic(args.md_out, summary_markdown(summary))
+    if args.tex_out:
+        write_text_atomic(args.tex_out, summary_latex(summary))
     return 0
 
 
@@ -240,6 +329,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--runs", required=True, help="CSV written by 'ewcstab explosion-gather'")
     s.add_argument("--csv-out", required=True)
     s.add_argument("--md-out", required=True)
+    s.add_argument("--tex-out", help="the same table in LaTeX (booktabs)")
     s.set_defaults(func=cmd_summary)
     t = sub.add_parser("explosion-traces", help="gradient-explosion study: traced runs -> one row per step")
     t.add_argument("--records", nargs="+", required=True, help="run records made with 'ewcstab run --trace'")
@@ -248,6 +338,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 __all__ = [
-    "GROUP", "RUN_COLUMNS", "SUMMARY_COLUMNS", "TRACE_COLUMNS", "gather_runs", "gather_traces", "per_run",
-    "register", "run_rows", "summarize", "summary_markdown", "trace_rows",
+    "CLAIMS", "CLAIM_COLUMNS", "claims", "GROUP", "RUN_COLUMNS", "SUMMARY_COLUMNS", "TRACE_COLUMNS", "gather_runs", "gather_traces", "per_run",
+    "register", "run_rows", "summarize", "summary_display", "summary_latex", "summary_markdown",
+    "trace_rows",
 ]
