@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -259,3 +258,56 @@ def test_floor_counts_the_paper_protocol():
     # 2 measured tasks of 100 steps: 1 ms/step, then 2 ms/step; 0.5 s importance; 0.3 s per test set
     ext = extrapolate([0.1, 0.2], [0.5], wall=0.1 + 0.2 + 0.5 + 3 * 0.3, steps_per_task=100)
     assert ext["full_run_seconds"] == pytest.approx(0.001 * 3600 + 0.002 * 3600 * 9 + 0.5 * 9 + 0.3 * 55)
+
+
+def test_after_task_stops_runs_and_leaves_the_others_unchanged(synthetic_tasks, monkeypatch):
+    """A run stopped after task 1 (a pruned trial) keeps its outcome so far; the others equal the single path."""
+    base = RunConfig(method="mas", variant="original", epochs=1, batch_size=100, importance_samples=200)
+    cfgs = [base.replace(seed=seed, lam=lam) for seed, lam in RUNS]
+    seen: list[tuple[int, list[int]]] = []
+
+    def after_task(t, accs):
+        seen.append((t, sorted(accs)))
+        return [1] if t == 1 else []
+
+    outcomes, params = train_batched_with_params(cfgs, synthetic_tasks, CPU, after_task=after_task)
+    assert seen == [(1, [0, 1, 2]), (2, [0, 2]), (3, [0, 2])]
+    assert outcomes[1].stopped_after_task == 1 and len(outcomes[1].acc_matrix) == 1
+    assert outcomes[1].divergence is None and len(outcomes[1].telemetry) == 1
+    want, _ = single(cfgs[1], synthetic_tasks[:1], monkeypatch)
+    assert outcomes[1].acc_matrix == want.acc_matrix
+    for i in (0, 2):
+        want, want_params = single(cfgs[i], synthetic_tasks, monkeypatch)
+        assert outcomes[i].stopped_after_task is None
+        assert_same_run(outcomes[i], params[i], want, want_params, n_test=200)
+    rec = record(cfgs[1].resolved(), [t.name for t in synthetic_tasks], outcomes[1], 0.0, {})
+    assert rec["stopped_after_task"] == 1 and rec["final_mean_acc"] is None
+    # split into batches of 2, the hook still sees (and stops) the caller's run indices
+    seen.clear()
+    split = train_batched(cfgs, synthetic_tasks, CPU, runs_per_batch=2, after_task=after_task)
+    assert [o.stopped_after_task for o in split] == [None, 1, None]
+    assert [o.acc_matrix for o in split] == [o.acc_matrix for o in outcomes]
+
+
+def test_after_task_stops_runs_of_the_single_run_fallback(synthetic_tasks, monkeypatch):
+    from ewcstab.train import StopRun
+
+    calls = []
+
+    def fake_run_sequence(cfg, tasks, device, progress, hook, **kwargs):
+        out = train_mod.RunOutcome()
+        for t in range(1, len(tasks) + 1):
+            out.acc_matrix.append([0.5] * t)
+            calls.append((cfg.seed, t))
+            try:
+                hook(t, out.acc_matrix[-1])
+            except StopRun:
+                out.stopped_after_task = t
+                break
+        return out
+
+    monkeypatch.setattr(engine, "run_sequence", fake_run_sequence)
+    cfgs = [RunConfig(arch="cnn", method="si", lam=lam, seed=s) for s, lam in RUNS]
+    outcomes = train_batched(cfgs, synthetic_tasks, CPU, after_task=lambda t, accs: [i for i in accs if i == 2])
+    assert [o.stopped_after_task for o in outcomes] == [None, None, 1]
+    assert calls.count((2, 1)) == 1 and (2, 2) not in calls

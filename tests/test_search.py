@@ -72,3 +72,45 @@ def test_resuming_with_other_run_settings_is_refused(tmp_path, data_root):
     run_search("s", storage, tiny_base(data_root), spec, tmp_path / "runs")
     with pytest.raises(ConfigError, match=r"epochs: 1 -> 2"):
         run_search("s", storage, tiny_base(data_root).replace(epochs=2), spec, tmp_path / "runs")
+
+
+def test_batched_trials_finish_the_study_with_pruning_and_records(tmp_path, data_root, monkeypatch):
+    """trials_per_batch: trials asked together and trained as one batch; pruned ones stop early with the
+    short record, finished ones with the full run record; the study ends with exactly n_trials."""
+    import json
+
+    from ewcstab.batched import engine
+
+    storage, runs = f"sqlite:///{tmp_path}/b.db", tmp_path / "runs"
+    base = tiny_base(data_root).replace(n_tasks=3)
+    spec = SearchSpec("tpe", 0.1, 100.0, n_trials=5, seeds_per_trial=2, pruner="median")
+    batches = []
+    # the pruner's verdict, forced: trial 3 stops after task 2 (what the median pruner decides is its business)
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune",
+                        lambda self: self.number == 3 and max(self.storage.get_trial(self._trial_id).intermediate_values) == 2)
+    real = engine.train_batched
+
+    def spy(cfgs, *args, **kwargs):
+        batches.append([(c.lam, c.seed) for c in cfgs])
+        return real(cfgs, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_batched", spy)
+    study = run_search("b", storage, base, spec, runs, trials_per_batch=3)
+    assert [len(b) for b in batches] == [6, 4]  # 3 trials x 2 seeds, then the 2 trials left
+    assert all(b[0][0] == b[1][0] and (b[0][1], b[1][1]) == (1000, 1001) for b in batches)  # seeds per trial
+    trials = study.get_trials()
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 5 and len(trials) == 5
+    assert len({t.params["lam"] for t in trials}) == 5
+    for t in trials:
+        recs = [json.loads((runs / f"trial{t.number:04d}_seed{s}.json").read_text()) for s in (1000, 1001)]
+        if t.state == TrialState.COMPLETE:
+            assert t.value == pytest.approx(sum(r["final_mean_acc"] for r in recs) / 2)
+            assert all(r["batch"]["runs"] in (4, 6) and len(r["acc_matrix"]) == 3 for r in recs)
+            assert set(t.intermediate_values) == {1, 2, 3}
+        else:
+            assert all(r["pruned"] and len(r["acc_matrix"]) == max(t.intermediate_values) for r in recs)
+    assert states == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED, TrialState.COMPLETE]
+    assert trials[3].user_attrs["pruned_after_task_seed1000"] == 2 and set(trials[3].intermediate_values) == {1, 2}
+    best, table = summarize(study, spec, {"arch": "mlp"})
+    assert best["n_trials"]["complete"] + best["n_trials"]["pruned"] == 5

@@ -38,7 +38,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_workflow
 
 pytestmark = pytest.mark.slurm
 
@@ -47,7 +47,7 @@ PARTITION = "main"  # the partition profiles/slurm names; up.sh creates it
 RUN_TIMEOUT = 480  # seconds for the whole workflow through SLURM (a hung status check fails here)
 UP_TIMEOUT = 900  # seconds for up.sh, package installs included
 # On top of config/quick.yaml + tests/workflow_tiny.yaml: one study of one trial and one final
-# seed, so the run stays short on 2 cores while each stage still runs as its own SLURM job.
+# seed, one at a time (the single-run path; the tiny workflow itself runs batched), so the run stays short on 2 cores while each stage still runs as its own SLURM job.
 # Table 1 pulls in every stage of the paper's reproduction (run config, search workers, search
 # summary, final and baseline runs, gathering, table): six scheduling rounds. The figure and report
 # rules of the default target are left to tests/test_workflow.py, to keep this test short.
@@ -58,8 +58,10 @@ continual:
   variants: [stabilized]
   search:
     n_trials: 1
+    trials_per_batch: 1
   final:
     seeds: 1
+    seeds_per_job: 1
 """
 
 
@@ -104,11 +106,7 @@ def slurm_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def slurm_workdir(tmp_path_factory) -> Path:
     """A copy of the workflow whose SLURM profile names the test cluster's partition."""
-    work = tmp_path_factory.mktemp("wf_slurm")
-    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
-    shutil.copy(REPO / "tests" / "workflow_tiny.yaml", work / "tiny.yaml")
+    work = copy_workflow(tmp_path_factory.mktemp("wf_slurm"))
     (work / "one_study.yaml").write_text(ONE_STUDY)
     # What a newcomer adapts: partition and account names (every other key as shipped).
     profile = work / "profiles" / "slurm" / "config.yaml"

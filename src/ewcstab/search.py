@@ -144,7 +144,10 @@ def make_study(name: str, storage_url: str, spec: SearchSpec, heartbeat: int | N
     if spec.mode == "grid":
         sampler = optuna.samplers.GridSampler({"lam": spec.grid}, seed=spec.sampler_seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=min(5, spec.n_trials))
+        # constant liar: trials still running (other workers', or asked in the same batch) count as bad,
+        # so concurrent trials spread out instead of sampling the same lambda
+        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=min(5, spec.n_trials),
+                                             constant_liar=True)
     if spec.pruner == "median" and spec.mode == "tpe":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=1)
     else:
@@ -175,6 +178,7 @@ def run_search(
     progress: bool = False,
     heartbeat: int | None = 60,
     poll_seconds: float = 5.0,
+    trials_per_batch: int = 1,
 ):
     """Run (or resume) the study until it holds exactly ``spec.n_trials`` finished trials.
 
@@ -184,6 +188,10 @@ def run_search(
     workers, is marked FAIL with the user attribute ``surplus`` and never evaluated. A
     worker with nothing left to start waits while other workers' trials are running, and
     takes over a trial that fails (its worker died) instead of leaving the study short.
+
+    ``trials_per_batch`` > 1: the worker asks that many trials at once and trains all their runs
+    (trials x seeds) as one batch (``ewcstab.batched``; the MLP is stacked, other archs run one
+    after another), see ``_run_trial_batch``.
     """
     import optuna
     from optuna.trial import TrialState
@@ -204,15 +212,9 @@ def run_search(
         """This trial was started after the study already had enough trials."""
 
     def objective(trial: optuna.Trial) -> float:
-        ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != TrialState.FAIL]
-        trial.set_user_attr("worker", WORKER_ID)
-        if len(ahead) >= spec.n_trials:
-            trial.set_user_attr("surplus", True)
+        if _is_surplus(study, trial, spec):
             raise Surplus()
-        if spec.mode == "grid":
-            lam = trial.suggest_float("lam", min(spec.grid), max(spec.grid))
-        else:
-            lam = trial.suggest_float("lam", spec.low, spec.high, log=True)
+        lam = _suggest_lam(trial, spec)
         finals = []
         for s in range(spec.seeds_per_trial):
             seed = TRIAL_SEED_OFFSET + s
@@ -250,8 +252,117 @@ def run_search(
             if heartbeat:
                 optuna.storages.fail_stale_trials(study)
             continue
-        study.optimize(objective, n_trials=1, catch=(Surplus,), gc_after_trial=False)
+        if trials_per_batch > 1:
+            free = spec.n_trials - count(*finished_states) - count(TrialState.RUNNING)
+            _run_trial_batch(study, spec, base, runs_dir, min(trials_per_batch, free), n_tasks, progress)
+        else:
+            study.optimize(objective, n_trials=1, catch=(Surplus,), gc_after_trial=False)
     return study
+
+
+def _is_surplus(study, trial, spec: SearchSpec) -> bool:
+    """Mark ``trial`` with this worker; True (and the ``surplus`` mark) if ``spec.n_trials`` non-failed
+    trials precede it, i.e. a race between workers started one trial too many."""
+    from optuna.trial import TrialState
+
+    ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and t.state != TrialState.FAIL]
+    trial.set_user_attr("worker", WORKER_ID)
+    if len(ahead) >= spec.n_trials:
+        trial.set_user_attr("surplus", True)
+        return True
+    return False
+
+
+def _suggest_lam(trial, spec: SearchSpec) -> float:
+    if spec.mode == "grid":
+        return trial.suggest_float("lam", min(spec.grid), max(spec.grid))
+    return trial.suggest_float("lam", spec.low, spec.high, log=True)
+
+
+def _run_trial_batch(study, spec: SearchSpec, base: RunConfig, runs_dir: Path, k: int, n_tasks: int,
+                     progress: bool) -> None:
+    """Ask ``k`` trials, train their runs (trial-major, seeds 1000, 1001, ... each) as one batch, tell.
+
+    The intermediate value of a trial at step t is its seeds' mean accuracy after task t averaged over
+    the seeds (the seeds run side by side, not one after another as in the one-trial-at-a-time mode;
+    with one seed per trial both modes report the same values). After every task the pruner judges each
+    trial; a pruned trial's runs stop there (``ewcstab.batched.BatchAfterTask``) and each gets the short
+    record the one-at-a-time mode writes. A trial with a diverged run is PRUNED with ``diverged``. The
+    trials' heartbeats are recorded while they train (database storages), so another worker can take
+    over the trials of a worker that died.
+    """
+    import contextlib
+
+    from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses per trial
+    from optuna.trial import TrialState
+
+    from ewcstab.batched import execute_batched
+    from ewcstab.io import write_json_atomic
+
+    trials, lams = [], []
+    for _ in range(k):
+        with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": we record it below
+            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+            trial = study.ask()
+        if _is_surplus(study, trial, spec):
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        trials.append(trial)
+        lams.append(_suggest_lam(trial, spec))
+    if not trials:
+        return
+    seeds = [TRIAL_SEED_OFFSET + s for s in range(spec.seeds_per_trial)]
+    cfgs = [base.replace(lam=lam, seed=seed) for lam in lams for seed in seeds]
+    owner = [i for i in range(len(trials)) for _ in seeds]  # run index -> trial position
+    pruned: dict[int, int] = {}  # trial position -> task after which it was pruned
+    rows: dict[int, list[list[float]]] = {i: [] for i in range(len(cfgs))}
+
+    def after_task(t: int, accs: dict[int, list[float]]) -> list[int]:
+        per_trial: dict[int, list[float]] = {}
+        for i, a in accs.items():
+            rows[i].append(a)
+            per_trial.setdefault(owner[i], []).append(sum(a) / len(a))
+        stop = []
+        for pos, means in per_trial.items():
+            trial = trials[pos]
+            trial.report(float(np.mean(means)), step=t)
+            if trial.should_prune():
+                pruned[pos] = t
+                stop += [i for i in accs if owner[i] == pos]
+        return stop
+
+    with contextlib.ExitStack() as beats:
+        for trial in trials:
+            beats.enter_context(get_heartbeat_thread(trial._trial_id, study._storage))
+        records = execute_batched(cfgs, progress=progress, after_task=after_task)
+    finals: dict[int, list[float]] = {i: [] for i in range(len(trials))}
+    diverged: dict[int, dict] = {}
+    for i, (cfg, rec) in enumerate(zip(cfgs, records)):
+        pos, trial = owner[i], trials[owner[i]]
+        out = runs_dir / f"trial{trial.number:04d}_seed{cfg.seed}.json"
+        if pos in pruned and not rec["diverged"]:
+            trial.set_user_attr(f"pruned_after_task_seed{cfg.seed}", pruned[pos])
+            write_json_atomic(out, {"schema": "ewcstab.run/1", "pruned": True, "config": cfg.resolved().to_dict(),
+                                    "seed": cfg.seed, "acc_matrix": rows[i], "trial": trial.number})
+            continue
+        rec["trial"] = trial.number
+        write_json_atomic(out, rec)
+        if rec["diverged"]:
+            diverged.setdefault(pos, rec["diverged_at"])
+        else:
+            finals[pos].append(rec["final_mean_acc"])
+            trial.set_user_attr(f"final_mean_acc_seed{cfg.seed}", rec["final_mean_acc"])
+    for pos, trial in enumerate(trials):
+        if pos in diverged:
+            trial.set_user_attr("diverged", True)
+            trial.set_user_attr("diverged_at", diverged[pos])
+            study.tell(trial, state=TrialState.PRUNED)
+        elif pos in pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, float(np.mean(finals[pos])))
+    log.info("batch of %d trial(s) told: %s", len(trials), ", ".join(
+        f"#{t.number} lam {lam:.4g}" for t, lam in zip(trials, lams)))
 
 
 def summarize(study, spec: SearchSpec, meta: dict[str, object]) -> tuple[dict[str, object], "object"]:
@@ -325,8 +436,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     spec = _spec_from_args(args)
     name = args.study_name or f"{base.arch}-{base.method}-{base.variant}"
+    if args.trials_per_batch < 1:
+        from ewcstab.config import ConfigError
+
+        raise ConfigError(f"trials_per_batch: {args.trials_per_batch!r} is not allowed; allowed: an integer >= 1")
     study = run_search(name, args.storage, base, spec, Path(args.runs_dir), single_worker=not args.shared,
-                       progress=not args.no_progress, heartbeat=args.heartbeat or None)
+                       progress=not args.no_progress, heartbeat=args.heartbeat or None,
+                       trials_per_batch=args.trials_per_batch)
     if args.worker_out:
         mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == WORKER_ID]
         write_json_atomic(args.worker_out, {
@@ -378,6 +494,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds between trial heartbeats (database storages; 0: off); a trial silent for "
                         "3 heartbeats is failed and retried")
     p.add_argument("--runs-dir", required=True, help="folder for every trial's run records")
+    p.add_argument("--trials-per-batch", type=int, default=1,
+                   help="ask this many trials at once and train all their runs as one batch (ewcstab.batched; "
+                        "default 1: one trial at a time through the single-run path)")
     p.add_argument("--worker-out", help="JSON listing the trials this worker ran")
     p.add_argument("--out", help="best-lambda JSON (single worker; else use search-summary)")
     p.add_argument("--trials-out", help="CSV of all trials (with --out)")

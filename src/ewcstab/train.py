@@ -60,6 +60,7 @@ class RunOutcome:
     telemetry: list[dict[str, object]] = field(default_factory=list)  # one summary per trained task
     telemetry_trace: list[dict[str, object]] | None = None  # per-step rows per task, when asked
     divergence_rule: dict[str, float] = field(default_factory=DEFAULT_BLOWUP.to_dict)
+    stopped_after_task: int | None = None  # a batched run its caller stopped early (a pruned trial)
 
 
 def blowup_rule(cfg: RunConfig) -> BlowupRule:
@@ -153,6 +154,11 @@ def _nonfinite(tensors: ParamDict) -> bool:
 AfterTask = Callable[[int, list[float]], None]
 
 
+class StopRun(Exception):
+    """Raised by an ``after_task`` callback to end the run there and keep its outcome so far
+    (``RunOutcome.stopped_after_task``); any other exception propagates out of the run."""
+
+
 def run_sequence(
     cfg: RunConfig,
     tasks: list[Task],
@@ -165,7 +171,8 @@ def run_sequence(
     """Train one continual-learning run over ``tasks`` with config ``cfg``.
 
     ``after_task(t, accuracies)`` is called after each evaluated task (1-based t); it may
-    raise to stop the run early (an Optuna pruner does). ``trace``: also keep the per-step
+    raise to stop the run early (an Optuna pruner does): ``StopRun`` returns the outcome so far,
+    any other exception propagates. ``trace``: also keep the per-step
     telemetry rows (``RunOutcome.telemetry_trace``). ``blowup``: the loss blow-up rule.
     """
     torch.manual_seed(cfg.seed)
@@ -204,7 +211,11 @@ def run_sequence(
         outcome.acc_matrix.append([accuracy(model, s.test_x, s.test_y, cfg.eval_batch_size) for s in tasks[:t]])
         log.info("after task %d: mean accuracy %.4f", t, sum(outcome.acc_matrix[-1]) / t)
         if after_task is not None:
-            after_task(t, outcome.acc_matrix[-1])
+            try:
+                after_task(t, outcome.acc_matrix[-1])
+            except StopRun:
+                outcome.stopped_after_task = t
+                break
         if t == len(tasks):
             break
         start = time.perf_counter()
@@ -271,6 +282,7 @@ def record(
         "wall_seconds": wall_seconds,
         "telemetry": outcome.telemetry,
         **({} if outcome.telemetry_trace is None else {"telemetry_trace": outcome.telemetry_trace}),
+        **({} if outcome.stopped_after_task is None else {"stopped_after_task": outcome.stopped_after_task}),
         "divergence_rule": outcome.divergence_rule,
         "provenance": prov,
     }

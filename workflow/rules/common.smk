@@ -18,7 +18,7 @@ SEARCH_WORKER = "results/search/{arch}/{method}/{variant}/workers/worker{worker}
 FINAL_RUN = "results/runs/{arch}/{method}/{variant}/seed{seed}.json"
 BASELINE_RUN = "results/runs/{arch}/baseline/seed{seed}.json"
 RUNS_TABLE = "results/tables/continual_runs.csv"
-TABLE1 = multiext("results/tables/table1_continual", ".csv", ".md")
+TABLE1 = multiext("results/tables/table1_continual", ".csv", ".md", ".tex")
 
 
 def get_studies():
@@ -76,6 +76,12 @@ def get_search_flags(wildcards):
     return " ".join(flags)
 
 
+def get_trials_per_batch_flag(wildcards):
+    """Batched trials (`search.trials_per_batch`); no flag at the default 1 (commands unchanged)."""
+    k = config["continual"]["search"].get("trials_per_batch", 1)
+    return f"--trials-per-batch {k}" if k > 1 else ""
+
+
 def get_storage(wildcards):
     """Optuna storage URL: config value, else one SQLite file per study (kept across reruns)."""
     url = config["continual"]["search"].get("storage")
@@ -102,6 +108,16 @@ def get_shared_flag(wildcards):
 
 def get_final_seeds():
     return range(config["continual"]["final"]["seeds"])
+
+
+def get_final_packs():
+    """Final seeds in groups of `final.seeds_per_job`, each trained by one batched job
+    (workflow/rules/final.smk); None when every seed is its own job (the default)."""
+    size = config["continual"]["final"].get("seeds_per_job", 1)
+    if size <= 1:
+        return None
+    seeds = list(get_final_seeds())
+    return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
 
 def get_final_records(wildcards=None):
@@ -240,7 +256,7 @@ EXPLOSION_RUN = (
 EXPLOSION_TRACE = "results/explosion/{arch}/traces/{variant}/{optimizer}.json"
 EXPLOSION_RUNS_TABLE = "results/tables/explosion_runs.csv"
 EXPLOSION_TRACES_TABLE = "results/tables/explosion_traces.csv"
-EXPLOSION_SUMMARY = multiext("results/tables/explosion_summary", ".csv", ".md")
+EXPLOSION_SUMMARY = multiext("results/tables/explosion_summary", ".csv", ".md", ".tex")
 EXPLOSION_ACCURACY_FIG = {
     "png": "results/figures/explosion/accuracy_vs_lambda.png",
     "pdf": "results/figures/explosion/accuracy_vs_lambda.pdf",
@@ -360,6 +376,7 @@ PRUNE_NET_META = "results/pruning/{arch}/{importance_data}/net{seed}.json"
 PRUNING_MEAN_TABLE = "results/tables/pruning_mean_curves.csv"
 PRUNING_THRESHOLDS = "results/tables/pruning_thresholds.csv"
 PRUNING_THRESHOLDS_MD = "results/tables/pruning_thresholds.md"
+PRUNING_THRESHOLDS_TEX = "results/tables/pruning_thresholds.tex"
 
 
 def get_pruning_nets(wildcards=None):
@@ -399,4 +416,5 @@ def get_pruning_targets():
         PRUNING_MEAN_TABLE,
         PRUNING_THRESHOLDS,
         PRUNING_THRESHOLDS_MD,
+        PRUNING_THRESHOLDS_TEX,
     ]

@@ -1,27 +1,63 @@
-# Final runs: one job per seed at the study's best lambda, and the lambda = 0 baseline.
+# Final runs at the study's best lambda (one job per seed, or batched groups of seeds), and the
+# lambda = 0 baseline.
 
 
-rule train_final:
-    input:
-        cfg=RUN_CONFIG,
-        best=BEST_LAMBDA,
-    output:
-        FINAL_RUN,
-    log:
-        "logs/runs/{arch}/{method}/{variant}/seed{seed}.log",
-    benchmark:
-        "benchmarks/runs/{arch}/{method}/{variant}/seed{seed}.tsv"
-    conda:
-        ENV
-    threads: get_resources("train").get("threads", 1)
-    resources:
-        mem_mb=get_resources("train").get("mem_mb", 4000),
-        runtime=get_resources("train").get("runtime", 120),
-        gpu=get_resources("train").get("gpu", 0),
-    shell:
-        "ewcstab run --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
-        " --variant {wildcards.variant} --lam-from {input.best} --seed {wildcards.seed}"
-        " --threads {threads} --no-progress --out {output} 2> {log}"
+if get_final_packs() is None:
+
+    rule train_final:
+        input:
+            cfg=RUN_CONFIG,
+            best=BEST_LAMBDA,
+        output:
+            FINAL_RUN,
+        log:
+            "logs/runs/{arch}/{method}/{variant}/seed{seed}.log",
+        benchmark:
+            "benchmarks/runs/{arch}/{method}/{variant}/seed{seed}.tsv"
+        conda:
+            ENV
+        threads: get_resources("train").get("threads", 1)
+        resources:
+            mem_mb=get_resources("train").get("mem_mb", 4000),
+            runtime=get_resources("train").get("runtime", 120),
+            gpu=get_resources("train").get("gpu", 0),
+        shell:
+            "ewcstab run --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
+            " --variant {wildcards.variant} --lam-from {input.best} --seed {wildcards.seed}"
+            " --threads {threads} --no-progress --out {output} 2> {log}"
+
+else:
+    # `final.seeds_per_job` > 1: one job per group of seeds trains them as one batch and writes the
+    # same per-seed records (plus their "batch" entry); one rule per group, so outputs stay per seed.
+    for pack in get_final_packs():
+
+        rule:
+            name:
+                f"train_final_seeds{pack[0]}_{pack[-1]}"
+            input:
+                cfg=RUN_CONFIG,
+                best=BEST_LAMBDA,
+            output:
+                [FINAL_RUN.replace("{seed}", str(s)) for s in pack],
+            log:
+                f"logs/runs/{{arch}}/{{method}}/{{variant}}/seeds{pack[0]}_{pack[-1]}.log",
+            benchmark:
+                f"benchmarks/runs/{{arch}}/{{method}}/{{variant}}/seeds{pack[0]}_{pack[-1]}.tsv"
+            conda:
+                ENV
+            threads: get_resources("train").get("threads", 1)
+            resources:
+                mem_mb=get_resources("train").get("mem_mb", 4000),
+                runtime=len(pack) * get_resources("train").get("runtime", 120),
+                gpu=get_resources("train").get("gpu", 0),
+            params:
+                seeds=" ".join(str(s) for s in pack),
+                runs=len(pack),
+            shell:
+                "ewcstab run-batched --config {input.cfg} --arch {wildcards.arch}"
+                " --method {wildcards.method} --variant {wildcards.variant}"
+                " --lam-from {input.best} --seeds {params.seeds} --runs-per-batch {params.runs}"
+                " --threads {threads} --no-progress --out {output} 2> {log}"
 
 
 rule train_baseline:

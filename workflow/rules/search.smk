@@ -25,11 +25,12 @@ rule tune_lambda:
         storage=get_storage,
         study_dir=get_study_dir,
         shared=get_shared_flag,
+        batch=get_trials_per_batch_flag,
     shell:
         "ewcstab search --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
         " --variant {wildcards.variant} {params.flags} --storage {params.storage:q}"
         " --study-name {wildcards.arch}-{wildcards.method}-{wildcards.variant} {params.shared}"
-        " --runs-dir {params.study_dir}/runs --threads {threads} --no-progress"
+        " {params.batch} --runs-dir {params.study_dir}/runs --threads {threads} --no-progress"
         " --worker-out {output} 2> {log}"
 
 

@@ -8,6 +8,7 @@ See ``engine.py`` for what is per run and why the results equal the single-run p
 
 from ewcstab.batched.engine import (
     CPU_RUNS_PER_BATCH,
+    BatchAfterTask,
     PER_RUN_FIELDS,
     check_batchable,
     default_runs_per_batch,
@@ -18,6 +19,7 @@ from ewcstab.batched.engine import (
 
 __all__ = [
     "CPU_RUNS_PER_BATCH",
+    "BatchAfterTask",
     "PER_RUN_FIELDS",
     "check_batchable",
     "default_runs_per_batch",

@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -56,9 +57,13 @@ from ewcstab.device import resolve_device, synchronize
 from ewcstab.interfaces import ParamDict, Task
 from ewcstab.models import build_model
 from ewcstab.telemetry import BlowupRule
-from ewcstab.train import Divergence, RunOutcome, blowup_rule, make_optimizer, record, run_sequence
+from ewcstab.train import Divergence, RunOutcome, StopRun, blowup_rule, make_optimizer, record, run_sequence
 
 log = logging.getLogger(__name__)
+
+#: ``after_task(t, {run index: accuracies on tasks 1..t})`` for the runs still training, after task t is
+#: evaluated; returns the indices of runs to stop there (an Optuna pruner's verdict), [] to go on.
+BatchAfterTask = Callable[[int, dict[int, list[float]]], Iterable[int]]
 
 #: The only config fields in which the runs of one batch may differ.
 PER_RUN_FIELDS = ("seed", "lam")
@@ -98,24 +103,14 @@ def check_batchable(cfgs: list[RunConfig]) -> RunConfig:
     return first
 
 
-def train_batched(
-    cfgs: list[RunConfig],
-    tasks: list[Task],
-    device: torch.device,
-    progress: bool = False,
-    trace: bool = False,
-    blowup: BlowupRule | None = None,
-    runs_per_batch: int | None = None,
-) -> list[RunOutcome]:
+def train_batched(cfgs: list[RunConfig], tasks: list[Task], device: torch.device, **options) -> list[RunOutcome]:
     """Train the runs ``cfgs`` (same settings but seed and lam) over ``tasks``, as one computation.
 
     Returns one ``RunOutcome`` per config, in order, equal (to floating-point tolerance) to what
-    ``ewcstab.train.run_sequence(cfg, tasks, device)`` returns for that config. ``runs_per_batch``:
-    at most this many runs are stacked at once, the next ones in the next batch (None: see
-    ``default_runs_per_batch``); it changes the speed, never the results. ``blowup``: the loss
-    blow-up rule (None: the configs' ``blowup_factor`` and ``blowup_cap``, as ``run_sequence``).
+    ``ewcstab.train.run_sequence(cfg, tasks, device)`` returns for that config. ``options``: those of
+    ``train_batched_with_params`` (progress, trace, blowup, runs_per_batch, after_task).
     """
-    return train_batched_with_params(cfgs, tasks, device, progress, trace, blowup, runs_per_batch)[0]
+    return train_batched_with_params(cfgs, tasks, device, **options)[0]
 
 
 def train_batched_with_params(
@@ -126,9 +121,18 @@ def train_batched_with_params(
     trace: bool = False,
     blowup: BlowupRule | None = None,
     runs_per_batch: int | None = None,
+    after_task: BatchAfterTask | None = None,
 ) -> tuple[list[RunOutcome], list[ParamDict | None]]:
-    """``train_batched``, plus each run's parameters where it stopped (the end of the sequence, or the
-    check at which it was found diverged); None for every run of the single-run fallback."""
+    """``train_batched``, plus each run's parameters where it stopped (the end of the sequence, the
+    check at which it was found diverged, or the task after which ``after_task`` stopped it); None for
+    every run of the single-run fallback.
+
+    ``runs_per_batch``: at most this many runs are stacked at once, the next ones in the next batch
+    (None: see ``default_runs_per_batch``); it changes the speed, never the results. ``blowup``: the loss
+    blow-up rule (None: the configs' ``blowup_factor`` and ``blowup_cap``, as ``run_sequence``).
+    ``after_task``: see ``BatchAfterTask``; a run it stops keeps its outcome so far, with
+    ``stopped_after_task`` set (the single-run path's ``after_task`` stops a run by raising ``StopRun``).
+    """
     first = check_batchable(cfgs)
     blowup = blowup or blowup_rule(first)  # shared: the blow-up fields are part of the shared settings
     size = runs_per_batch or default_runs_per_batch(device) or len(cfgs)
@@ -138,7 +142,10 @@ def train_batched_with_params(
         outcomes: list[RunOutcome] = []
         params: list[ParamDict | None] = []
         for start in range(0, len(cfgs), size):
-            o, p = train_batched_with_params(cfgs[start : start + size], tasks, device, progress, trace, blowup, size)
+            hook = None if after_task is None else _shifted(after_task, start)
+            o, p = train_batched_with_params(
+                cfgs[start : start + size], tasks, device, progress, trace, blowup, size, hook
+            )
             outcomes += o
             params += p
         return outcomes, params
@@ -149,13 +156,32 @@ def train_batched_with_params(
         if not supports(models[0]):
             log.info("the batched engine implements the MLP only; running %d %s runs one after another",
                      len(cfgs), cfg.arch)
-            outcomes = [run_sequence(c, tasks, device, progress, trace=trace, blowup=blowup) for c in cfgs]
+            outcomes = [_run_single(i, c, tasks, device, progress, trace, blowup, after_task) for i, c in enumerate(cfgs)]
             return outcomes, [None] * len(cfgs)
     batch = _Batch(cfgs, models, device, trace, blowup)
-    outcomes = batch.run(tasks, progress)
+    outcomes = batch.run(tasks, progress, after_task)
     for p, rid in enumerate(batch.ids):
         batch.final_params[rid] = batch.params_of(p)
     return outcomes, batch.final_params
+
+
+def _shifted(after_task: BatchAfterTask, offset: int) -> BatchAfterTask:
+    """``after_task`` for a sub-batch whose run 0 is run ``offset`` of the caller's list."""
+    def hook(t: int, accs: dict[int, list[float]]) -> list[int]:
+        return [i - offset for i in after_task(t, {i + offset: a for i, a in accs.items()})]
+    return hook
+
+
+def _run_single(
+    index: int, cfg: RunConfig, tasks: list[Task], device: torch.device, progress: bool, trace: bool,
+    blowup: BlowupRule, after_task: BatchAfterTask | None,
+) -> RunOutcome:
+    """The single-run path for one run of a batch the engine cannot stack, ``after_task`` adapted."""
+    def hook(t: int, accs: list[float]) -> None:
+        if after_task is not None and index in set(after_task(t, {index: accs})):
+            raise StopRun()
+
+    return run_sequence(cfg, tasks, device, progress, hook, trace=trace, blowup=blowup)
 
 
 class _Batch:
@@ -191,7 +217,7 @@ class _Batch:
         self.zeros = torch.zeros(self.layout.runs, device=self.device)
 
     # ------------------------------------------------------------------ the protocol loop
-    def run(self, tasks: list[Task], progress: bool) -> list[RunOutcome]:
+    def run(self, tasks: list[Task], progress: bool, after_task: BatchAfterTask | None = None) -> list[RunOutcome]:
         cfg = self.cfg
         for t, task in enumerate(tasks, start=1):
             runs = len(self.ids)
@@ -214,6 +240,13 @@ class _Batch:
             if not self.ids:
                 break
             self._evaluate(tasks[:t])
+            if after_task is not None:
+                stop = set(after_task(t, {rid: self.outcomes[rid].acc_matrix[-1] for rid in self.ids}))
+                for rid in stop & set(self.ids):
+                    self.outcomes[rid].stopped_after_task = t
+                self._retire({p: None for p, rid in enumerate(self.ids) if rid in stop})
+                if not self.ids:
+                    break
             if t == len(tasks):
                 break
             start = time.perf_counter()
@@ -317,9 +350,11 @@ class _Batch:
                  ", ".join(f"{sum(self.outcomes[rid].acc_matrix[-1]) / len(seen):.4f}" for rid in self.ids))
 
     def _retire(
-        self, diverged: dict[int, Divergence], extra: tuple[Tensor, ...] = (), monitor: StackedMonitor | None = None
+        self, diverged: dict[int, Divergence | None], extra: tuple[Tensor, ...] = (),
+        monitor: StackedMonitor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """Record the divergences and drop those runs from every stacked state.
+        """Record the divergences and drop those runs from every stacked state (None: a run stopped by
+        its caller, not diverged).
 
         Returns the kept batch positions (long tensor) and the ``extra`` flat buffers restricted to them."""
         keep_list = [p for p in range(len(self.ids)) if p not in diverged]
@@ -327,9 +362,10 @@ class _Batch:
         if not diverged:
             return keep, extra
         for p, div in diverged.items():
-            self.outcomes[self.ids[p]].divergence = div
             self.final_params[self.ids[p]] = self.params_of(p)
-            log.warning("run %d (seed %d) diverged: %s", self.ids[p], self.seeds[self.ids[p]], div)
+            if div is not None:
+                self.outcomes[self.ids[p]].divergence = div
+                log.warning("run %d (seed %d) diverged: %s", self.ids[p], self.seeds[self.ids[p]], div)
         old, old_tensors, old_state = self.layout, self.tensors, self.optimizer.state
         theta, grad = old.select(self.theta, keep), old.select(self.grad, keep)
         self.penalty.select(old, keep)
@@ -358,6 +394,7 @@ def execute_batched(
     trace: bool = False,
     blowup: BlowupRule | None = None,
     runs_per_batch: int | None = None,
+    after_task: BatchAfterTask | None = None,
 ) -> list[dict[str, object]]:
     """Load the data once, train the runs as one batch, return one run record per config (the same
     record as ``ewcstab.train.execute``, plus ``"batch": {"runs", "index", "wall_seconds",
@@ -371,7 +408,8 @@ def execute_batched(
         first.train_subset, first.test_subset, first.download,
     )
     wall = time.perf_counter()
-    outcomes = train_batched(cfgs, tasks, device, progress, trace=trace, blowup=blowup, runs_per_batch=runs_per_batch)
+    outcomes = train_batched(cfgs, tasks, device, progress=progress, trace=trace, blowup=blowup,
+                             runs_per_batch=runs_per_batch, after_task=after_task)
     wall = time.perf_counter() - wall
     checksums = data_checksums(datasets_of(first.sequence, first.n_tasks), root)
     prov = provenance.collect(device, checksums, str(root))
