@@ -2,13 +2,15 @@
 
 Runs the real protocol (default: MLP, permuted MNIST, 10 tasks, 6 epochs, 60,000 samples)
 once per listed method and prints seconds per task and runs per hour. Timings, not a test:
-the numbers depend on the machine and on what else it is doing.
+the numbers depend on the machine and on what else it is doing. ``--path textbook`` times the
+same runs with the textbook training step instead (``ewcstab.textbook``: autograd penalty, default
+Adam, a host sync per step), the reference the lean single-run path is measured against.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import time
 
 import torch
@@ -17,13 +19,15 @@ from ewcstab.cli import add_run_arguments, config_from_args
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, object]:
+    from ewcstab.textbook import textbook_path
     from ewcstab.train import execute
 
     rows = {}
     for method in args.methods:
         cfg = config_from_args(args).replace(method=method, lam=args.lam if args.lam is not None else 1.0)
         start = time.perf_counter()
-        rec = execute(cfg, progress=False)
+        with textbook_path() if args.path == "textbook" else contextlib.nullcontext():
+            rec = execute(cfg, progress=False)
         wall = time.perf_counter() - start
         train, imp = rec["train_seconds"], rec["importance_seconds"]
         rows[method] = {
@@ -42,7 +46,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
             f"final mean acc {rec['final_mean_acc']}",
             flush=True,
         )
-    return {"threads": torch.get_num_threads(), "device": rec["provenance"]["device"], "methods": rows}
+    return {"threads": torch.get_num_threads(), "device": rec["provenance"]["device"], "path": args.path,
+            "methods": rows}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     p.add_argument("--methods", nargs="+", default=["fisher", "mas", "si", "signal"], help="methods to time")
+    p.add_argument("--path", choices=("lean", "textbook"), default="lean",
+                   help="lean: the project's single-run path (default); textbook: the reference step (ewcstab.textbook)")
     p.add_argument("--json", metavar="FILE", help="also write the timings as JSON")
 
     def run(args: argparse.Namespace) -> int:
