@@ -42,6 +42,30 @@ def synthetic_task(name: str, n_train: int, n_test: int, seed: int) -> Task:
     return Task(name, xs[:n_train], ys[:n_train], xs[n_train:], ys[n_train:])
 
 
+def slow_reference(model, x, y, scalar_fn, reduce):
+    """Mean over samples of ``reduce(d scalar_fn / d theta)``, one sample at a time with plain autograd:
+    the definition of a per-sample importance, no tricks (the fast estimators are tested against it)."""
+    total = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        scalar_fn(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        for k, p in model.named_parameters():
+            total[k] += reduce(p.grad)
+    return {k: v / x.shape[0] for k, v in total.items()}
+
+
+def copy_workflow(work: Path) -> Path:
+    """Copy the workflow's files (Snakefile, rules, configs, profiles, envs) and the tiny test config
+    (as ``tiny.yaml``) into ``work``; the package itself is installed."""
+    import shutil
+
+    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
+    shutil.copy(REPO / "tests" / "workflow_tiny.yaml", work / "tiny.yaml")
+    return work
+
+
 @pytest.fixture
 def synthetic_tasks() -> list[Task]:
     return [synthetic_task(f"syn{i}", 600, 200, seed=i) for i in range(3)]
@@ -52,15 +76,10 @@ def tiny_workflow(tmp_path_factory, data_root) -> Path:
     """The workflow's default target (tables, figures, report pages) built once per session on
     config/quick.yaml + tests/workflow_tiny.yaml in a temporary copy, for tests that read its results
     (report, notebooks). Snakemake is called as ``snakemake ... --configfile config/quick.yaml tiny.yaml``."""
-    import shutil
     import subprocess
     import sys
 
-    work = tmp_path_factory.mktemp("wf_tiny")
-    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
-    shutil.copy(REPO / "tests" / "workflow_tiny.yaml", work / "tiny.yaml")
+    work = copy_workflow(tmp_path_factory.mktemp("wf_tiny"))
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/quick.yaml", "tiny.yaml"],
         cwd=work, capture_output=True, text=True, timeout=1800,

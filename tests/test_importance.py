@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import slow_reference
 from ewcstab.importance import SI, build_importance
 from ewcstab.importance.fisher import log_likelihood
 from ewcstab.importance.mas import squared_output_norm
@@ -40,17 +41,6 @@ def tiny_conv() -> TinyConvNet:
     net.bn.running_mean.uniform_(-0.2, 0.2)  # non-trivial eval-mode statistics
     net.bn.running_var.uniform_(0.5, 1.5)
     return net.eval()
-
-
-def slow_reference(model, x, y, scalar_fn, reduce):
-    """One sample at a time with plain autograd: the definition, no tricks."""
-    total = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    for i in range(x.shape[0]):
-        model.zero_grad()
-        scalar_fn(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
-        for k, p in model.named_parameters():
-            total[k] += reduce(p.grad)
-    return {k: v / x.shape[0] for k, v in total.items()}
 
 
 def assert_close(got, want):

@@ -7,21 +7,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import slow_reference
 from ewcstab.importance.fisher import log_likelihood
 from ewcstab.importance.mas import squared_output_norm
 from ewcstab.importance.persample import mean_reduced_sample_grads
 from ewcstab.models import build_model
 from ewcstab.models.attention import AttentionNet
 from ewcstab.models.cnn import CNN
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to oversubscription on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def n_params(model: nn.Module) -> int:
@@ -91,16 +83,6 @@ def test_attention_output_depends_on_token_order():
     x = torch.rand(2, 1, 28, 28)
     rolled = torch.roll(x, shifts=7, dims=3)  # moves whole 7x7 patches one token to the right
     assert not torch.allclose(model(x), model(rolled))
-
-
-def slow_reference(model, x, y, scalar_fn, reduce):
-    total = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    for i in range(x.shape[0]):
-        model.zero_grad()
-        scalar_fn(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
-        for k, p in model.named_parameters():
-            total[k] += reduce(p.grad)
-    return {k: v / x.shape[0] for k, v in total.items()}
 
 
 def tiny_attention() -> AttentionNet:

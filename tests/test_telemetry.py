@@ -19,15 +19,6 @@ CPU = torch.device("cpu")
 QUICK = dict(epochs=1, batch_size=50, importance_samples=200)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to oversubscription on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tasks():
     """Three small synthetic tasks: 6 steps each at batch 50."""

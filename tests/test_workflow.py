@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, copy_workflow
+from test_latex import check_latex_table
 
 pytestmark = pytest.mark.workflow
 
@@ -23,12 +23,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A copy of the workflow's files (the package itself is installed)."""
-    work = tmp_path_factory.mktemp("wf")
-    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / item)
-    shutil.copy(REPO / "tests" / "workflow_tiny.yaml", work / "tiny.yaml")
-    return work
+    return copy_workflow(tmp_path_factory.mktemp("wf"))
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -59,6 +54,10 @@ def test_outputs_exist_parse_and_have_expected_rows(finished):
     assert set(runs.role) == {"final", "baseline"}
     md = (finished / "results/tables/table1_continual.md").read_text()
     assert "paper: acc (95% CI)" in md and md.count("\n| mlp") == 4
+    tex = check_latex_table((finished / "results/tables/table1_continual.tex").read_text())
+    assert len(tex) == 1 + 4 and [r[:3] for r in tex[1:]] == [
+        ["mlp", m, v] for m in ("mas", "si") for v in ("original", "stabilized")
+    ]
     for study in ("mas/original", "si/stabilized"):
         best = json.loads((finished / f"results/search/mlp/{study}/best_lambda.json").read_text())
         assert best["n_trials"]["complete"] + best["n_trials"]["pruned"] == 2
@@ -142,5 +141,7 @@ def test_pruning_outputs(finished):
     assert len(curves) == 2 * 5 * 2 * 101
     thresholds = pd.read_csv(finished / "results/tables/pruning_thresholds.csv")
     assert len(thresholds) == 5 * 2
+    tex = check_latex_table((finished / "results/tables/pruning_thresholds.tex").read_text())
+    assert len(tex) == 1 + len(thresholds)
     for scope in ("global", "per_layer"):
         assert (finished / f"results/figures/pruning/{scope}.png").stat().st_size > 10_000
