@@ -240,6 +240,18 @@ def test_run_batched_command_writes_one_record_per_run(data_root, tmp_path):
     recs = [json.loads(p.read_text()) for p in outs]
     assert [(r["seed"], r["config"]["lam"]) for r in recs] == [(0, 0.0), (0, 20.0), (1, 0.0), (1, 20.0)]
     assert all(len(r["acc_matrix"]) == 2 and r["batch"]["runs"] == 4 for r in recs)
+    # the workflow's form: lambda from a search result, several seeds
+    best = tmp_path / "best_lambda.json"
+    best.write_text(json.dumps({"best_lambda": 3.5}))
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    assert batched_cli(["run-batched", "--method", "mas", "--tasks", "2", "--epochs", "1", "--train-subset", "300",
+                        "--test-subset", "100", "--importance-samples", "100", "--device", "cpu",
+                        "--data-root", str(data_root), "--seeds", "3", "4", "--lam-from", str(best), "--no-progress",
+                        "--out", *map(str, outs)]) == 0
+    assert [(json.loads(p.read_text())["seed"], json.loads(p.read_text())["config"]["lam"]) for p in outs] == [
+        (3, 3.5), (4, 3.5)]
+    with pytest.raises(ConfigError, match="either --lams or --lam-from"):
+        batched_cli(["run-batched", "--lams", "1", "--lam-from", str(best), "--out", "x.json"])
 
 
 def test_run_batched_command_needs_one_out_per_run(tmp_path):
@@ -258,6 +270,14 @@ def test_floor_counts_the_paper_protocol():
     # 2 measured tasks of 100 steps: 1 ms/step, then 2 ms/step; 0.5 s importance; 0.3 s per test set
     ext = extrapolate([0.1, 0.2], [0.5], wall=0.1 + 0.2 + 0.5 + 3 * 0.3, steps_per_task=100)
     assert ext["full_run_seconds"] == pytest.approx(0.001 * 3600 + 0.002 * 3600 * 9 + 0.5 * 9 + 0.3 * 55)
+
+
+def test_memory_floor_counts_the_paper_mlp():
+    from ewcstab.batched.benchmark import MLP_PARAMS, copy_bandwidth
+    from ewcstab.models import build_model
+
+    assert MLP_PARAMS == sum(p.numel() for p in build_model("mlp").parameters())
+    assert copy_bandwidth(10_000, reps=3) > 1e6  # bytes/s: anything slower is a broken timer
 
 
 def test_after_task_stops_runs_and_leaves_the_others_unchanged(synthetic_tasks, monkeypatch):

@@ -24,6 +24,8 @@ def cmd_run_batched(args: argparse.Namespace) -> int:
 
     base = config_from_args(args)
     seeds = args.seeds if args.seeds else [base.seed]
+    if args.lams and args.lam_from:
+        raise ConfigError("lams: give either --lams or --lam-from, not both")
     lams = args.lams if args.lams else [base.lam]
     cfgs = [base.replace(seed=seed, lam=lam) for seed in seeds for lam in lams]
     if len(args.out) != len(cfgs):
@@ -44,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", help="seeds of the runs (default: the config's seed)")
     p.add_argument("--lams", type=float, nargs="+", help="lambdas of the runs (default: the config's lam)")
+    p.add_argument("--lam-from", metavar="FILE", help="take lambda from a search's best_lambda JSON (not with --lams)")
     p.add_argument("--out", required=True, nargs="+", metavar="FILE", help="one record file per run, in order")
     p.add_argument("--runs-per-batch", type=int, help="stack at most N runs at once (default: 4 on a CPU, "
                    "all on a GPU); the records do not depend on it")
