@@ -16,6 +16,13 @@ backward for fisher/mas, forward for signal), divided by the measured float32 th
 ``torch.mm`` with the same thread count. Reported: seconds per run, runs per hour, and seconds per run /
 floor (the issue's target: at most 1.5 for the batched engine). Timings depend on the machine and on
 what else runs on it: the load average before and after each measurement is reported with it.
+
+The matmul floor leaves out what no implementation can skip besides the products: each step the
+optimizer must read the parameters, gradient, both Adam moments, the anchor and the penalty
+coefficients and write the parameters and both moments, ``OPTIMIZER_TRANSFERS`` = 9 float32 transfers
+per parameter. At the measured copy bandwidth of an (R x P)-float buffer (``copy_bandwidth``) that
+is the memory floor; matmul floor + memory floor is a lower bound for any implementation on this
+machine, also reported as a multiple of the matmul floor.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import torch
 from ewcstab.cli import add_run_arguments, config_from_args
 
 FULL_TASKS, FULL_EPOCHS, FULL_TRAIN, FULL_TEST = 10, 6, 60_000, 10_000
+OPTIMIZER_TRANSFERS = 9  # per parameter and step: read theta, grad, m, v, anchor, coef; write theta, m, v
+MLP_PARAMS = 784 * 300 + 300 + 300 * 150 + 150 + 150 * 10 + 10  # 282,460
 IMPORTANCE_FORWARDS = {"fisher": 3.0, "mas": 3.0, "signal": 1.0, "si": 0.0}  # forward-pass equivalents per sample
 
 
@@ -45,6 +54,18 @@ def matmul_throughput(size: int = 2048, reps: int = 10) -> dict[str, float]:
         times.append(time.perf_counter() - start)
     flops = 2.0 * size**3
     return {"best": flops / min(times), "median": flops / statistics.median(times), "size": size, "reps": reps}
+
+
+def copy_bandwidth(numel: int, reps: int = 50) -> float:
+    """Bytes per second of ``dst.copy_(src)`` on two float32 buffers of ``numel`` (read + write counted)."""
+    src, dst = torch.randn(numel), torch.empty(numel)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * 4 * numel / statistics.median(times)
 
 
 def protocol_flops(method: str, widths: tuple[int, ...] = (784, 300, 150, 10), batch: int = 100) -> dict[str, float]:
@@ -94,10 +115,18 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
     mm = matmul_throughput(args.matmul_size)
     floor = flops["total"] / mm["best"]
     floor_median = flops["total"] / mm["median"]
+    memory_floors = {}
+    for runs in sorted({1, *args.runs}):
+        bandwidth = copy_bandwidth(runs * MLP_PARAMS)
+        memory_floors[runs] = {"bandwidth": bandwidth,
+                               "seconds": flops["steps"] * OPTIMIZER_TRANSFERS * 4 * MLP_PARAMS / bandwidth}
     threads = torch.get_num_threads()
     print(f"threads {threads}; matmul {mm['best'] / 1e9:.1f} GFLOP/s best, {mm['median'] / 1e9:.1f} median; "
           f"one full run = {flops['total'] / 1e12:.2f} TFLOP -> floor {floor:.1f} s/run "
           f"({floor_median:.1f} s at the median throughput)", flush=True)
+    print("memory floor (9 float32 transfers per parameter and step at the copy bandwidth of R runs' buffers): "
+          + ", ".join(f"R={r}: {m['seconds']:.1f} s/run ({m['bandwidth'] / 1e9:.1f} GB/s)" for r, m in memory_floors.items()),
+          flush=True)
     print(f"measuring {len(tasks)} task(s) x {cfg.epochs} epoch(s) x {steps_per_task} steps per run, "
           f"{cfg.method}/{cfg.variant}; extrapolated to {FULL_TASKS} x {FULL_EPOCHS} x 600", flush=True)
 
@@ -105,14 +134,26 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
 
     def report(engine: str, runs: int, train: list[float], imp: list[float], wall: float, load: tuple[float, float]):
         ext = extrapolate(train, imp, wall, steps_per_task)
+        memory = memory_floors[runs]["seconds"]
         row = {"engine": engine, "runs": runs, "measured_wall_seconds": wall * runs, **ext,
                "runs_per_hour": 3600.0 / ext["full_run_seconds"], "floor_ratio": ext["full_run_seconds"] / floor,
+               "memory_floor_seconds": memory, "bound_ratio": (floor + memory) / floor,
                "load_before": load[0], "load_after": load[1]}
         rows.append(row)
-        print(f"{engine:>7} R={runs:<3} {ext['full_run_seconds']:8.1f} s/run  {row['runs_per_hour']:7.1f} runs/h  "
-              f"{row['floor_ratio']:5.2f}x floor  (step {ext['step_seconds_later'] * 1e3:.2f} ms/run, measured "
+        print(f"{engine:>8} R={runs:<3} {ext['full_run_seconds']:8.1f} s/run  {row['runs_per_hour']:7.1f} runs/h  "
+              f"{row['floor_ratio']:5.2f}x floor (bound {row['bound_ratio']:.2f}x)  (step {ext['step_seconds_later'] * 1e3:.2f} ms/run, measured "
               f"{wall * runs:.1f} s, load {load[0]:.1f} -> {load[1]:.1f})", flush=True)
 
+    if args.textbook:
+        from ewcstab.textbook import textbook_path
+
+        load = _load()
+        synchronize(device)
+        start = time.perf_counter()
+        with textbook_path():
+            out = run_sequence(cfg, tasks, device)
+        synchronize(device)
+        report("textbook", 1, out.train_seconds, out.importance_seconds, time.perf_counter() - start, (load, _load()))
     if not args.no_single:
         load = _load()
         synchronize(device)
@@ -131,6 +172,7 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
         report("batched", runs, outs[0].train_seconds, outs[0].importance_seconds, wall, (load, _load()))
     return {"threads": threads, "device": str(device), "matmul_flops": mm, "protocol_flops": flops,
             "floor_seconds": floor, "floor_seconds_median_matmul": floor_median,
+            "memory_floor": {str(k): v for k, v in memory_floors.items()},
             "measured": {"tasks": len(tasks), "epochs": cfg.epochs, "steps_per_task": steps_per_task,
                          "method": cfg.method, "variant": cfg.variant},
             "rows": rows}
@@ -145,8 +187,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(tasks=2, epochs=1)
     p.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes R to time")
     p.add_argument("--no-single", action="store_true", help="skip the single-run baseline")
+    p.add_argument("--textbook", action="store_true",
+                   help="also time the textbook training step (ewcstab.textbook), the single path's reference")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n torch.mm timing the floor")
     p.add_argument("--json", metavar="FILE", help="also write the timings as JSON")
+    p.add_argument("--figure", metavar="FILE.png", help="also draw seconds per run and runs per hour (PNG + PDF)")
 
     def run(args: argparse.Namespace) -> int:
         if args.arch not in (None, "mlp"):
@@ -156,6 +201,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             from ewcstab.io import write_json_atomic
 
             write_json_atomic(args.json, result)
+        if args.figure:
+            from pathlib import Path
+
+            from ewcstab.figures import save_figure, set_style
+            from ewcstab.figures.throughput import plot_throughput
+
+            set_style()
+            save_figure(plot_throughput(result), args.figure, Path(args.figure).with_suffix(".pdf"))
         return 0
 
     p.set_defaults(func=run)

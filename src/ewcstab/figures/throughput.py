@@ -1,0 +1,53 @@
+"""The throughput figure of ``ewcstab benchmark-batched --figure`` (issue 8, README "Throughput").
+
+Left: seconds per full paper-protocol MLP run for each engine row (textbook, single, batched at
+each R), with the matmul floor and the matmul + memory bound as horizontal lines. Right: the same
+as runs per hour per core. Input: the JSON the benchmark writes (``benchmark_batched``'s result).
+"""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+from ewcstab.figures import style
+
+ENGINE_COLORS = {"textbook": "#999999", "single": "#0072B2", "batched": "#D55E00"}
+
+
+def _label(row: dict) -> str:
+    return f"batched\nR={row['runs']}" if row["engine"] == "batched" else row["engine"]
+
+
+def plot_throughput(result: dict) -> Figure:
+    """Bar chart of seconds per run and runs per hour per engine row, floor and bound marked."""
+    rows = result["rows"]
+    labels = [_label(r) for r in rows]
+    colors = [style.color_of(r["engine"], ENGINE_COLORS) for r in rows]
+    floor = result["floor_seconds"]
+    fig, axes = style.new_figure(1, 2, panel=(max(3.8, 0.75 * len(rows) + 1.0), 3.4))
+    left, right = axes[0]
+    seconds = [r["full_run_seconds"] for r in rows]
+    left.bar(labels, seconds, color=colors)
+    for x, (s, r) in enumerate(zip(seconds, rows)):
+        left.annotate(f"{r['floor_ratio']:.2f}x floor", (x, s), ha="center", va="bottom", fontsize="x-small")
+    left.axhline(floor, color="black", lw=1, ls="--", label=f"matmul floor {floor:.0f} s")
+    bounds = [r.get("memory_floor_seconds") for r in rows]
+    if all(b is not None for b in bounds):
+        best = min(bounds)
+        left.axhline(floor + best, color="black", lw=1, ls=":",
+                     label=f"+ optimizer memory traffic {floor + best:.0f} s")
+    left.set(ylabel="seconds per full protocol run", title="One paper-protocol MLP run")
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="small", ncol=2)
+    right.bar(labels, [3600.0 / s for s in seconds], color=colors)
+    right.axhline(3600.0 / floor, color="black", lw=1, ls="--", label="matmul floor")
+    right.set(ylabel="runs per hour", title=f"Throughput ({result['threads']} thread(s), {result['device']})")
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="small")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize="small")
+    mm = result["matmul_flops"]["best"] / 1e9
+    fig.suptitle(f"Paper-protocol MLP (10 tasks x 6 epochs x 600 steps), extrapolated from "
+                 f"{result['measured']['tasks']} measured task(s); matmul {mm:.0f} GFLOP/s")
+    return fig
+
+
+__all__ = ["plot_throughput"]
