@@ -123,7 +123,8 @@ def train_task(
         order = torch.randperm(n, generator=generator).to(task.train_x.device)
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            loss = F.cross_entropy(model(task.train_x[idx]), task.train_y[idx])
+            # index_select: the same rows as task.train_x[idx], without advanced indexing's overhead
+            loss = F.cross_entropy(model(task.train_x.index_select(0, idx)), task.train_y.index_select(0, idx))
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
             task_norm = total_norm(grads)  # before the penalty's gradient joins it
