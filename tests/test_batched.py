@@ -331,3 +331,31 @@ def test_after_task_stops_runs_of_the_single_run_fallback(synthetic_tasks, monke
     outcomes = train_batched(cfgs, synthetic_tasks, CPU, after_task=lambda t, accs: [i for i in accs if i == 2])
     assert [o.stopped_after_task for o in outcomes] == [None, None, 1]
     assert calls.count((2, 1)) == 1 and (2, 2) not in calls
+
+
+def test_execute_trains_the_mlp_stacked_and_equal_to_autograd(data_root):
+    """``ewcstab run``'s default engine (the batched engine with one run) gives the autograd path's record."""
+    cfg = RunConfig(method="si", variant="stabilized", lam=0.5, n_tasks=2, epochs=1, train_subset=400,
+                    test_subset=200, importance_samples=100, data_root=str(data_root), download=False, device="cpu")
+    stacked, autograd = execute(cfg), execute(cfg, engine="autograd")
+    assert (stacked["engine"], autograd["engine"]) == ("stacked", "autograd")
+    assert stacked["acc_matrix"] == autograd["acc_matrix"]  # one thread: bitwise
+    assert stacked["telemetry"][1]["grad_norm_max"] == pytest.approx(autograd["telemetry"][1]["grad_norm_max"], rel=1e-5)
+    stops = []
+
+    def stop_after_first(t, accs):
+        stops.append(t)
+        raise train_mod.StopRun()
+
+    rec = execute(cfg, after_task=stop_after_first)
+    assert stops == [1] and rec["stopped_after_task"] == 1 and len(rec["acc_matrix"]) == 1
+    with pytest.raises(ValueError, match="engine: 'fast' is not allowed"):
+        execute(cfg, engine="fast")
+
+
+def test_a_batch_whose_runs_all_diverge_ends_cleanly(synthetic_tasks):
+    base = RunConfig(method="mas", variant="original", optimizer="sgd", lr=0.1, batch_size=50, epochs=2,
+                     importance_samples=200, divergence_check_every=7)
+    outcomes = train_batched([base.replace(seed=s, lam=1e7) for s in (0, 1)], synthetic_tasks, CPU)
+    assert all(o.divergence is not None and o.divergence.task == 2 for o in outcomes)
+    assert [len(o.acc_matrix) for o in outcomes] == [1, 1]

@@ -4,7 +4,8 @@ Runs the real protocol (default: MLP, permuted MNIST, 10 tasks, 6 epochs, 60,000
 once per listed method and prints seconds per task and runs per hour. Timings, not a test:
 the numbers depend on the machine and on what else it is doing. ``--path textbook`` times the
 same runs with the textbook training step instead (``ewcstab.textbook``: autograd penalty, default
-Adam, a host sync per step), the reference the lean single-run path is measured against.
+Adam, a host sync per step), the reference the single-run path is measured against; ``--path
+autograd`` times ``run_sequence``, ``--path stacked`` (default) what ``ewcstab run`` uses.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, object]:
         cfg = config_from_args(args).replace(method=method, lam=args.lam if args.lam is not None else 1.0)
         start = time.perf_counter()
         with textbook_path() if args.path == "textbook" else contextlib.nullcontext():
-            rec = execute(cfg, progress=False)
+            rec = execute(cfg, progress=False, engine="stacked" if args.path == "stacked" else "autograd")
         wall = time.perf_counter() - start
         train, imp = rec["train_seconds"], rec["importance_seconds"]
         rows[method] = {
@@ -55,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     p.add_argument("--methods", nargs="+", default=["fisher", "mas", "si", "signal"], help="methods to time")
-    p.add_argument("--path", choices=("lean", "textbook"), default="lean",
-                   help="lean: the project's single-run path (default); textbook: the reference step (ewcstab.textbook)")
+    p.add_argument("--path", choices=("stacked", "autograd", "textbook"), default="stacked",
+                   help="stacked: ewcstab run's default engine; autograd: run_sequence; textbook: the reference "
+                        "step (ewcstab.textbook, swapped into run_sequence)")
     p.add_argument("--json", metavar="FILE", help="also write the timings as JSON")
 
     def run(args: argparse.Namespace) -> int:

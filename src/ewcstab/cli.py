@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ewcstab.train import execute
 
     cfg = config_from_args(args)
-    rec = execute(cfg, progress=not args.no_progress, trace=args.trace)
+    rec = execute(cfg, progress=not args.no_progress, trace=args.trace, engine=args.engine)
     write_json_atomic(args.out, rec)
     if rec["diverged"]:
         logging.warning("diverged at %s; recorded in %s", rec["diverged_at"], args.out)
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, metavar="FILE", help="where to write the run record (JSON, atomic)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--trace", action="store_true", help="also record per-step telemetry (gradient norms) per task")
+    run.add_argument("--engine", choices=("auto", "stacked", "autograd"), default="auto",
+                     help="stacked: hand-written MLP forward/backward (ewcstab.batched, one run; default via auto); "
+                          "autograd: torch autograd (ewcstab.train.run_sequence); both train the same run")
     run.set_defaults(func=cmd_run)
     for register in extra_commands():
         register(sub)

@@ -232,14 +232,52 @@ def run_sequence(
     return outcome
 
 
+#: How ``execute`` trains a run. ``stacked``: the batched engine (``ewcstab.batched``) with one run: the
+#: MLP's forward and backward written out with batched products straight into the gradient buffer, no
+#: autograd graph and no gradient zeroing per step (about 1.2x faster than ``autograd`` on this CPU, and
+#: equal to it: bitwise on one CPU thread, to rounding elsewhere; other architectures fall back to
+#: ``run_sequence``). ``autograd``: ``run_sequence``. ``auto`` (default): ``stacked``.
+ENGINES = ("auto", "stacked", "autograd")
+
+
+def train_run(
+    cfg: RunConfig,
+    tasks: list[Task],
+    device: torch.device,
+    progress: bool = False,
+    after_task: AfterTask | None = None,
+    trace: bool = False,
+    blowup: BlowupRule | None = None,
+    engine: str = "auto",
+) -> RunOutcome:
+    """One run with the chosen engine (``ENGINES``); ``after_task`` as in ``run_sequence``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine: {engine!r} is not allowed; allowed: {', '.join(ENGINES)}")
+    if engine == "autograd":
+        return run_sequence(cfg, tasks, device, progress, after_task, trace=trace, blowup=blowup)
+    from ewcstab.batched.engine import train_batched
+
+    def hook(t: int, accs: dict[int, list[float]]) -> list[int]:
+        try:
+            after_task(t, accs[0])
+        except StopRun:
+            return [0]
+        return []
+
+    return train_batched([cfg], tasks, device, progress=progress, trace=trace, blowup=blowup, runs_per_batch=1,
+                         after_task=hook if after_task is not None else None)[0]
+
+
 def execute(
     cfg: RunConfig,
     progress: bool = False,
     after_task: AfterTask | None = None,
     trace: bool = False,
     blowup: BlowupRule | None = None,
+    engine: str = "auto",
 ) -> dict[str, object]:
-    """Load the data, run, and return the run record (see ``record``); ``trace``: add per-step telemetry."""
+    """Load the data, run, and return the run record (see ``record``); ``trace``: add per-step telemetry;
+    ``engine``: see ``ENGINES`` (recorded as ``engine``)."""
     cfg.validate()
     resolved = cfg.resolved()
     device = resolve_device(cfg.device)
@@ -249,10 +287,14 @@ def execute(
         cfg.train_subset, cfg.test_subset, cfg.download,
     )
     wall = time.perf_counter()
-    outcome = run_sequence(cfg, tasks, device, progress, after_task, trace=trace, blowup=blowup)
+    outcome = train_run(cfg, tasks, device, progress, after_task, trace=trace, blowup=blowup, engine=engine)
     wall = time.perf_counter() - wall
     checksums = data_checksums(datasets_of(resolved.sequence, resolved.n_tasks), root)
-    return record(resolved, [t.name for t in tasks], outcome, wall, provenance.collect(device, checksums, str(root)))
+    rec = record(resolved, [t.name for t in tasks], outcome, wall, provenance.collect(device, checksums, str(root)))
+    from ewcstab.batched.engine import stacks
+
+    rec["engine"] = "stacked" if engine != "autograd" and stacks(cfg.arch) else "autograd"
+    return rec
 
 
 def record(

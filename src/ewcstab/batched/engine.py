@@ -82,6 +82,11 @@ def default_runs_per_batch(device: torch.device) -> int | None:
     return CPU_RUNS_PER_BATCH if device.type == "cpu" else None
 
 
+def stacks(arch: str) -> bool:
+    """Whether the engine stacks runs of ``arch`` (the MLP); other archs run one after another."""
+    return supports(build_model(arch))
+
+
 def check_batchable(cfgs: list[RunConfig]) -> RunConfig:
     """Validate every config and that they differ only in seed and lam; returns the first, resolved."""
     if not cfgs:
@@ -366,6 +371,9 @@ class _Batch:
             if div is not None:
                 self.outcomes[self.ids[p]].divergence = div
                 log.warning("run %d (seed %d) diverged: %s", self.ids[p], self.seeds[self.ids[p]], div)
+        if not keep_list:  # nothing left to train: the callers stop on an empty batch
+            self.ids = []
+            return keep, tuple(b[:0] for b in extra)
         old, old_tensors, old_state = self.layout, self.tensors, self.optimizer.state
         theta, grad = old.select(self.theta, keep), old.select(self.grad, keep)
         self.penalty.select(old, keep)
@@ -417,6 +425,7 @@ def execute_batched(
     records = []
     for i, (cfg, outcome) in enumerate(zip(cfgs, outcomes)):
         rec = record(cfg.resolved(), names, outcome, wall / len(cfgs), prov)
+        rec["engine"] = "stacked" if stacks(first.arch) else "autograd"
         rec["batch"] = {"runs": len(cfgs), "index": i, "wall_seconds": wall,
                         "runs_per_batch": runs_per_batch or default_runs_per_batch(device) or len(cfgs)}
         records.append(rec)
