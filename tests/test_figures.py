@@ -307,14 +307,14 @@ def test_throughput_figure_has_a_bar_per_engine_row_and_the_floors(tmp_path):
     from ewcstab.figures.throughput import plot_throughput
 
     rows = [{"engine": e, "runs": r, "full_run_seconds": s, "floor_ratio": s / 40.0, "memory_floor_seconds": m}
-            for e, r, s, m in (("textbook", 1, 200.0, 12.0), ("single", 1, 150.0, 12.0), ("batched", 4, 90.0, 15.0))]
+            for e, r, s, m in (("textbook", 1, 200.0, 12.0), ("autograd", 1, 150.0, 12.0), ("batched", 4, 90.0, 15.0))]
     result = {"rows": rows, "floor_seconds": 40.0, "threads": 1, "device": "cpu",
               "matmul_flops": {"best": 1.0e11}, "measured": {"tasks": 2}}
     fig = plot_throughput(result)
     left, right = fig.axes[:2]
     assert [round(p.get_height(), 6) for p in left.patches] == [200.0, 150.0, 90.0]
     assert [round(p.get_height(), 6) for p in right.patches] == [18.0, 24.0, 40.0]
-    assert [t.get_text() for t in left.get_xticklabels()] == ["textbook", "single", "batched\nR=4"]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["textbook", "autograd", "batched\nR=4"]
     assert sorted(round(line.get_ydata()[0], 6) for line in left.lines) == [40.0, 52.0]  # floor, floor + memory
     figures.save_figure(fig, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000

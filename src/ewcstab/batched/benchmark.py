@@ -160,7 +160,7 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
         start = time.perf_counter()
         out = run_sequence(cfg, tasks, device)
         synchronize(device)
-        report("single", 1, out.train_seconds, out.importance_seconds, time.perf_counter() - start, (load, _load()))
+        report("autograd", 1, out.train_seconds, out.importance_seconds, time.perf_counter() - start, (load, _load()))
     for runs in args.runs:
         cfgs = [cfg.replace(seed=cfg.seed + i) for i in range(runs)]
         load = _load()
@@ -186,7 +186,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_arguments(p)
     p.set_defaults(tasks=2, epochs=1)
     p.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes R to time")
-    p.add_argument("--no-single", action="store_true", help="skip the single-run baseline")
+    p.add_argument("--no-single", action="store_true", help="skip the autograd single-run path (run_sequence)")
     p.add_argument("--textbook", action="store_true",
                    help="also time the textbook training step (ewcstab.textbook), the single path's reference")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n torch.mm timing the floor")

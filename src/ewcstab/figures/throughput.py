@@ -1,7 +1,7 @@
 """The throughput figure of ``ewcstab benchmark-batched --figure`` (issue 8, README "Throughput").
 
-Left: seconds per full paper-protocol MLP run for each engine row (textbook, single, batched at
-each R), with the matmul floor and the matmul + memory bound as horizontal lines. Right: the same
+Left: seconds per full paper-protocol MLP run for each engine row (textbook, autograd single-run
+path, the stacked engine with one run, as ``ewcstab run`` trains the MLP, and batched at each R), with the matmul floor and the matmul + memory bound as horizontal lines. Right: the same
 as runs per hour per core. Input: the JSON the benchmark writes (``benchmark_batched``'s result).
 """
 
@@ -11,11 +11,13 @@ from matplotlib.figure import Figure
 
 from ewcstab.figures import style
 
-ENGINE_COLORS = {"textbook": "#999999", "single": "#0072B2", "batched": "#D55E00"}
+ENGINE_COLORS = {"textbook": "#999999", "autograd": "#0072B2", "batched": "#D55E00"}
 
 
 def _label(row: dict) -> str:
-    return f"batched\nR={row['runs']}" if row["engine"] == "batched" else row["engine"]
+    if row["engine"] == "batched":
+        return "stacked R=1\n(ewcstab run)" if row["runs"] == 1 else f"batched\nR={row['runs']}"
+    return row["engine"]
 
 
 def plot_throughput(result: dict) -> Figure:
