@@ -84,6 +84,19 @@ def test_deleting_a_table_rebuilds_only_that_table(finished):
     assert proc.returncode == 0 and (finished / "results/tables/table1_continual.md").exists()
 
 
+def test_asking_for_one_figure_rebuilds_just_that_figure(finished):
+    figure = finished / "results/figures/mlp/task_curves.png"
+    figure.unlink()
+    dry = snakemake(finished, "-n", "results/figures/mlp/task_curves.png")
+    assert dry.returncode == 0, dry.stderr
+    jobs = dry.stdout + dry.stderr
+    assert "rule plot_task_curves:" in jobs
+    rules = set(re.findall(r"rule (\w+):", jobs))
+    assert rules == {"plot_task_curves"}, f"more than the figure would run: {rules}"
+    proc = snakemake(finished, "results/figures/mlp/task_curves.png")
+    assert proc.returncode == 0 and figure.stat().st_size > 10_000
+
+
 @pytest.mark.parametrize(
     "bad,needle",
     [
