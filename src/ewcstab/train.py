@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -268,6 +269,25 @@ def train_run(
                          after_task=hook if after_task is not None else None)[0]
 
 
+def load_run_data(cfg: RunConfig) -> tuple[list[Task], torch.device, Path]:
+    """The task sequence of ``cfg`` on its device, the device, and the data root it was read from."""
+    resolved = cfg.resolved()
+    device = resolve_device(cfg.device)
+    root = resolve_data_root(cfg.data_root)
+    tasks = build_tasks(
+        resolved.sequence, resolved.n_tasks, cfg.perm_seed, root, device,
+        cfg.train_subset, cfg.test_subset, cfg.download,
+    )
+    return tasks, device, root
+
+
+def run_provenance(cfg: RunConfig, device: torch.device, root: Path) -> dict[str, object]:
+    """A record's provenance: versions, commit, device, host, and the sha256 of the data files used."""
+    resolved = cfg.resolved()
+    checksums = data_checksums(datasets_of(resolved.sequence, resolved.n_tasks), root)
+    return provenance.collect(device, checksums, str(root))
+
+
 def execute(
     cfg: RunConfig,
     progress: bool = False,
@@ -279,18 +299,11 @@ def execute(
     """Load the data, run, and return the run record (see ``record``); ``trace``: add per-step telemetry;
     ``engine``: see ``ENGINES`` (recorded as ``engine``)."""
     cfg.validate()
-    resolved = cfg.resolved()
-    device = resolve_device(cfg.device)
-    root = resolve_data_root(cfg.data_root)
-    tasks = build_tasks(
-        resolved.sequence, resolved.n_tasks, cfg.perm_seed, root, device,
-        cfg.train_subset, cfg.test_subset, cfg.download,
-    )
+    tasks, device, root = load_run_data(cfg)
     wall = time.perf_counter()
     outcome = train_run(cfg, tasks, device, progress, after_task, trace=trace, blowup=blowup, engine=engine)
     wall = time.perf_counter() - wall
-    checksums = data_checksums(datasets_of(resolved.sequence, resolved.n_tasks), root)
-    rec = record(resolved, [t.name for t in tasks], outcome, wall, provenance.collect(device, checksums, str(root)))
+    rec = record(cfg.resolved(), [t.name for t in tasks], outcome, wall, run_provenance(cfg, device, root))
     from ewcstab.batched.engine import stacks
 
     rec["engine"] = "stacked" if engine != "autograd" and stacks(cfg.arch) else "autograd"

@@ -46,18 +46,18 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ewcstab import provenance
 from ewcstab.batched.importance import build_stacked_importance
 from ewcstab.batched.monitor import StackedMonitor
 from ewcstab.batched.penalty import StackedPenalty
 from ewcstab.batched.stack import Layout, count_correct, cross_entropy_step, supports
 from ewcstab.config import ConfigError, RunConfig
-from ewcstab.data import build_tasks, data_checksums, datasets_of, resolve_data_root
-from ewcstab.device import resolve_device, synchronize
+from ewcstab.device import synchronize
 from ewcstab.interfaces import ParamDict, Task
 from ewcstab.models import build_model
 from ewcstab.telemetry import BlowupRule
-from ewcstab.train import Divergence, RunOutcome, StopRun, blowup_rule, make_optimizer, record, run_sequence
+from ewcstab.train import (
+    Divergence, RunOutcome, StopRun, blowup_rule, load_run_data, make_optimizer, record, run_provenance, run_sequence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -409,18 +409,12 @@ def execute_batched(
     "runs_per_batch"}``). ``wall_seconds`` of each record is the whole call's training time divided by
     the number of runs; the batch's total is ``batch.wall_seconds``."""
     first = check_batchable(cfgs)
-    device = resolve_device(first.device)
-    root = resolve_data_root(first.data_root)
-    tasks = build_tasks(
-        first.sequence, first.n_tasks, first.perm_seed, root, device,
-        first.train_subset, first.test_subset, first.download,
-    )
+    tasks, device, root = load_run_data(first)
     wall = time.perf_counter()
     outcomes = train_batched(cfgs, tasks, device, progress=progress, trace=trace, blowup=blowup,
                              runs_per_batch=runs_per_batch, after_task=after_task)
     wall = time.perf_counter() - wall
-    checksums = data_checksums(datasets_of(first.sequence, first.n_tasks), root)
-    prov = provenance.collect(device, checksums, str(root))
+    prov = run_provenance(first, device, root)
     names = [t.name for t in tasks]
     records = []
     for i, (cfg, outcome) in enumerate(zip(cfgs, outcomes)):
