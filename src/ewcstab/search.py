@@ -227,8 +227,7 @@ def run_search(
                 trial.report(sum(accs) / len(accs), step=s * n_tasks + t)
                 if trial.should_prune():
                     trial.set_user_attr(f"pruned_after_task_seed{seed}", t)
-                    write_json_atomic(out, {"schema": "ewcstab.run/1", "pruned": True, "config": cfg.resolved().to_dict(),
-                                            "seed": seed, "acc_matrix": rows, "trial": trial.number})
+                    write_json_atomic(out, pruned_record(cfg, rows, trial.number))
                     raise optuna.TrialPruned(f"pruned after task {t} of seed {seed}")
 
             rec = execute(cfg, progress=progress, after_task=report)
@@ -258,6 +257,12 @@ def run_search(
         else:
             study.optimize(objective, n_trials=1, catch=(Surplus,), gc_after_trial=False)
     return study
+
+
+def pruned_record(cfg: RunConfig, acc_rows: list[list[float]], trial_number: int) -> dict[str, object]:
+    """The short record of a run its trial's pruner stopped: settings and the accuracies it reached."""
+    return {"schema": "ewcstab.run/1", "pruned": True, "config": cfg.resolved().to_dict(), "seed": cfg.seed,
+            "acc_matrix": acc_rows, "trial": trial_number}
 
 
 def _is_surplus(study, trial, spec: SearchSpec) -> bool:
@@ -342,8 +347,7 @@ def _run_trial_batch(study, spec: SearchSpec, base: RunConfig, runs_dir: Path, k
         out = runs_dir / f"trial{trial.number:04d}_seed{cfg.seed}.json"
         if pos in pruned and not rec["diverged"]:
             trial.set_user_attr(f"pruned_after_task_seed{cfg.seed}", pruned[pos])
-            write_json_atomic(out, {"schema": "ewcstab.run/1", "pruned": True, "config": cfg.resolved().to_dict(),
-                                    "seed": cfg.seed, "acc_matrix": rows[i], "trial": trial.number})
+            write_json_atomic(out, pruned_record(cfg, rows[i], trial.number))
             continue
         rec["trial"] = trial.number
         write_json_atomic(out, rec)
