@@ -169,7 +169,8 @@ def build_tasks(
             if subset is not None:
                 x, y = x[:subset], y[:subset]
             parts += [transform(x.to(device)), y.to(device)]
-        tasks.append(Task(name, *parts))
+        train_bytes = _load_split_uint8(dataset, str(root), True, download)[0][:train_subset].unsqueeze(1)
+        tasks.append(Task(name, *parts, train_bytes=transform(train_bytes.to(device))))
     return tasks
 
 

@@ -235,9 +235,10 @@ def run_sequence(
 
 #: How ``execute`` trains a run. ``stacked``: the batched engine (``ewcstab.batched``) with one run: the
 #: MLP's forward and backward written out with batched products straight into the gradient buffer, no
-#: autograd graph and no gradient zeroing per step (about 1.2x faster than ``autograd`` on this CPU, and
-#: equal to it: bitwise on one CPU thread, to rounding elsewhere; other architectures fall back to
-#: ``run_sequence``). ``autograd``: ``run_sequence``. ``auto`` (default): ``stacked``.
+#: autograd graph and no gradient zeroing per step, torch's Adam kernel called without the optimizer's
+#: Python bookkeeping, and the element-wise work in native passes (``ewcstab.batched.native``); about 1.3x
+#: faster than ``autograd`` on this CPU, and equal to it: bitwise on one CPU thread, to rounding elsewhere
+#: (telemetry norms: to rounding); other architectures fall back to ``run_sequence``). ``autograd``: ``run_sequence``. ``auto`` (default): ``stacked``.
 ENGINES = ("auto", "stacked", "autograd")
 
 
@@ -304,9 +305,9 @@ def execute(
     outcome = train_run(cfg, tasks, device, progress, after_task, trace=trace, blowup=blowup, engine=engine)
     wall = time.perf_counter() - wall
     rec = record(cfg.resolved(), [t.name for t in tasks], outcome, wall, run_provenance(cfg, device, root))
-    from ewcstab.batched.engine import stacks
+    from ewcstab.batched.engine import engine_keys
 
-    rec["engine"] = "stacked" if engine != "autograd" and stacks(cfg.arch) else "autograd"
+    rec.update(engine_keys(cfg.arch, device, engine))
     return rec
 
 

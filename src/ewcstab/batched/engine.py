@@ -9,9 +9,11 @@ follows the single-run protocol of ``ewcstab.train.run_sequence`` (PROTOCOL.md) 
   epoch; a step gathers every run's batch in one indexing op, x[(R, B) indices] -> (R, B, 784);
 - loss = cross-entropy + the run's penalty (its own lambda, anchor and accumulated Omega), the penalty
   gradient added straight into the gradient; clipping on the run's own total norm (clipped variant);
-- optimizer: ``ewcstab.train.make_optimizer`` (fused Adam, or SGD), created once per batch and kept
-  across tasks, over one view per (parameter, run) of the flat parameter buffer: each run's tensors
-  get their own state and the very kernels of the single-run path (one multi-tensor kernel per step);
+- optimizer: ``optim.py``, created once per batch and kept across tasks: the very kernel the single-run
+  path's ``Adam(fused=True)`` (or SGD) runs, called once per step over one view per (parameter, run) of
+  the flat buffers, each run's moments its own;
+- the element-wise work around it (penalty gradient, telemetry norms, SI) in single native passes
+  (``native.py``) where a C compiler is at hand, else as PyTorch ops: the same gradient either way;
 - after each task: evaluation of every run on tasks 1..t, then importances of every run on the last
   ``importance_samples`` training samples (``importance.py``), accumulated, and the anchor set;
 - telemetry and divergence as in ``ewcstab.telemetry``: per-step rows on the device, one host check
@@ -27,7 +29,9 @@ same sample chunks in the same order, and the batched products run one GEMM per 
 (MKL) that made every run bitwise equal to ``run_sequence`` on one thread, and at the paper's batch of
 100 on two; where a batched product sums in another order than the single run's ``addmm`` (other
 shapes or thread counts, other BLAS or GPU kernels) the runs agree to rounding at first, and training
-amplifies that slowly (as two runs of the single path on different hardware would differ).
+amplifies that slowly (as two runs of the single path on different hardware would differ). The native
+passes (``native.py``) change none of it; only the telemetry's gradient norms are then summed in
+another order (equal to rounding).
 
 Architectures other than the MLP fall back to the single-run path, run after run. More runs than
 ``runs_per_batch`` are trained batch after batch (``default_runs_per_batch``). Timings in each run's
@@ -47,7 +51,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ewcstab.batched.importance import build_stacked_importance
+from ewcstab.batched import native
 from ewcstab.batched.monitor import StackedMonitor
+from ewcstab.batched.optim import make_stacked_optimizer
 from ewcstab.batched.penalty import StackedPenalty
 from ewcstab.batched.stack import Layout, count_correct, cross_entropy_step, supports
 from ewcstab.config import ConfigError, RunConfig
@@ -56,7 +62,7 @@ from ewcstab.interfaces import ParamDict, Task
 from ewcstab.models import build_model
 from ewcstab.telemetry import BlowupRule
 from ewcstab.train import (
-    Divergence, RunOutcome, StopRun, blowup_rule, load_run_data, make_optimizer, record, run_provenance, run_sequence,
+    Divergence, RunOutcome, StopRun, blowup_rule, load_run_data, record, run_provenance, run_sequence,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +91,14 @@ def default_runs_per_batch(device: torch.device) -> int | None:
 def stacks(arch: str) -> bool:
     """Whether the engine stacks runs of ``arch`` (the MLP); other archs run one after another."""
     return supports(build_model(arch))
+
+
+def engine_keys(arch: str, device: torch.device, engine: str = "stacked") -> dict[str, str]:
+    """A run record's ``engine`` ("stacked", or "autograd" where asked for or where ``arch`` does not
+    stack) and, for the stacked engine, ``elementwise``: "native" (``native.py``) or "torch"."""
+    if engine == "autograd" or not stacks(arch):
+        return {"engine": "autograd"}
+    return {"engine": "stacked", "elementwise": "native" if native.available(device) else "torch"}
 
 
 def check_batchable(cfgs: list[RunConfig]) -> RunConfig:
@@ -198,10 +212,11 @@ class _Batch:
         self.layout = Layout.of(models[0], len(cfgs))
         self.theta = self.layout.stack([list(m.parameters()) for m in models], device)
         self.grad = self.layout.zeros(device)
-        self._bind()
-        self.optimizer = make_optimizer(cfg.optimizer, self.tensors, cfg.lr)
+        self.optimizer = make_stacked_optimizer(cfg.optimizer, self.layout, self.theta, self.grad, cfg.lr)
         self.penalty = StackedPenalty(cfg.variant, [c.lam for c in cfgs], cfg.resolved_alpha, cfg.clip_norm)
         self.importance = build_stacked_importance(cfg.method, cfg.fisher_label, cfg.si_xi)
+        self.use_native = native.available(device)
+        self._bind()
         self.generators = [torch.Generator().manual_seed(c.seed) for c in cfgs]
         self.omega = self.layout.zeros(device)
         self.ids = list(range(len(cfgs)))
@@ -211,15 +226,14 @@ class _Batch:
                          for _ in cfgs]
 
     def _bind(self) -> None:
-        """Views of the flat buffers: (R, *shape) per parameter for the products, and one tensor per
-        (parameter, run), each with its gradient view, for the optimizer (see ``Layout.tensors``)."""
+        """Views of the flat buffers: (R, *shape) per parameter for the products, one gradient tensor per
+        (parameter, run) for torch's norms (see ``Layout.tensors``); the native passes for this many runs."""
         self.params = self.layout.views(self.theta)
         self.grads = self.layout.views(self.grad)
-        self.tensors = self.layout.tensors(self.theta)
         self.grad_tensors = self.layout.tensors(self.grad)
-        for p, g in zip(self.tensors, self.grad_tensors):
-            p.grad = g
         self.zeros = torch.zeros(self.layout.runs, device=self.device)
+        self.native = native.NativeGradient(self.layout.sizes, self.layout.runs) if self.use_native else None
+        self.importance.native = self.native
 
     # ------------------------------------------------------------------ the protocol loop
     def run(self, tasks: list[Task], progress: bool, after_task: BatchAfterTask | None = None) -> list[RunOutcome]:
@@ -277,6 +291,10 @@ class _Batch:
         cfg, layout, penalty, importance = self.cfg, self.layout, self.penalty, self.importance
         n = task.train_x.shape[0]
         x_all = task.train_x.reshape(n, -1)  # (N, 784)
+        # byte images: gather bytes and convert (native.py), the very floats of x_all at a quarter of the reads
+        images = None
+        if self.native is not None and task.train_bytes is not None and native.bytes_convert_exactly():
+            images = task.train_bytes.reshape(n, -1)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         monitor = StackedMonitor(t, runs, total_steps, self.device, penalty.clip_norm, self.blowup)
@@ -291,20 +309,14 @@ class _Batch:
             for first in range(0, n, cfg.batch_size):
                 idx = orders[:, first : first + cfg.batch_size]  # (R, B)
                 flat_idx = idx.reshape(-1)  # one gather for every run (index_select: faster than x[idx])
-                x = x_all.index_select(0, flat_idx).view(*idx.shape, -1)  # (R, B, 784)
+                batch_x = self.native.gather_bytes(images, flat_idx) if images is not None else x_all.index_select(0, flat_idx)
+                x = batch_x.view(*idx.shape, -1)  # (R, B, 784)
                 y = task.train_y.index_select(0, flat_idx).view(idx.shape)  # (R, B)
                 loss = cross_entropy_step(self.params, self.grads, x, y)
-                grad = self.grad
-                task_norm = layout.norms(self.grad_tensors)  # before the penalty's gradient joins it
-                pen = penalty.grad(layout, self.theta)
-                if pen is not None:
-                    pen_norm = layout.norms(penalty.pen_tensors)
-                    grad.add_(pen)
-                importance.before_step(self.theta, grad, clipping)
-                total = penalty.clip_(layout, grad, self.grad_tensors)
-                if total is None:
-                    total = task_norm if pen is None else layout.norms(self.grad_tensors)
-                monitor.record(loss, task_norm, self.zeros if pen is None else pen_norm, total)
+                task_norm, pen_norm, full_norm = self._full_gradient()
+                importance.before_step(self.theta, self.grad, clipping)
+                total = penalty.clip_(layout, self.grad, self.grad_tensors)
+                monitor.record(loss, task_norm, pen_norm, full_norm if total is None else total)
                 self.optimizer.step()
                 importance.after_step(self.theta)
                 step += 1
@@ -327,6 +339,26 @@ class _Batch:
                         layout = self.layout
         bar.close()
         return monitor
+
+    def _full_gradient(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Add the penalty gradient to the task gradient in ``self.grad`` (and take SI's snapshot of theta);
+        returns the (R,) norms of the task gradient, the penalty gradient and the full gradient."""
+        penalty, importance, layout = self.penalty, self.importance, self.layout
+        active = penalty.active
+        if self.native is not None:  # one pass (native.py): the same gradient, the norms to rounding
+            snapshot = importance.step_snapshot()
+            norms = self.native.gradient(self.grad, self.theta, penalty.anchor if active else None,
+                                         penalty.twice_coef if active else None, snapshot)
+            if active:
+                return norms[:, 0], norms[:, 1], norms[:, 2]
+            return norms[:, 0], self.zeros, norms[:, 0]
+        task_norm = layout.norms(self.grad_tensors)  # before the penalty's gradient joins it
+        pen = penalty.grad(layout, self.theta)
+        if pen is None:
+            return task_norm, self.zeros, task_norm
+        pen_norm = layout.norms(penalty.pen_tensors)
+        self.grad.add_(pen)
+        return task_norm, pen_norm, layout.norms(self.grad_tensors)
 
     # ------------------------------------------------------------------ per-run bookkeeping
     def params_of(self, p: int) -> ParamDict:
@@ -374,7 +406,7 @@ class _Batch:
         if not keep_list:  # nothing left to train: the callers stop on an empty batch
             self.ids = []
             return keep, tuple(b[:0] for b in extra)
-        old, old_tensors, old_state = self.layout, self.tensors, self.optimizer.state
+        old = self.layout
         theta, grad = old.select(self.theta, keep), old.select(self.grad, keep)
         self.penalty.select(old, keep)
         self.importance.select(old, keep)
@@ -386,13 +418,8 @@ class _Batch:
         self.ids = [self.ids[p] for p in keep_list]
         self.layout = old.with_runs(len(keep_list))
         self.theta, self.grad = theta, grad
+        self.optimizer.select(old, keep, theta, grad)  # Adam's moments carry on with their runs
         self._bind()
-        self.optimizer = make_optimizer(self.cfg.optimizer, self.tensors, self.cfg.lr)
-        for k in range(len(old.shapes)):  # Adam's moments and step counts carry on with their runs
-            for new_pos, old_pos in enumerate(keep_list):
-                state = old_state.get(old_tensors[k * old.runs + old_pos])
-                if state:
-                    self.optimizer.state[self.tensors[k * self.layout.runs + new_pos]] = state
         return keep, extra
 
 
@@ -419,7 +446,7 @@ def execute_batched(
     records = []
     for i, (cfg, outcome) in enumerate(zip(cfgs, outcomes)):
         rec = record(cfg.resolved(), names, outcome, wall / len(cfgs), prov)
-        rec["engine"] = "stacked" if stacks(first.arch) else "autograd"
+        rec.update(engine_keys(first.arch, device))
         rec["batch"] = {"runs": len(cfgs), "index": i, "wall_seconds": wall,
                         "runs_per_batch": runs_per_batch or default_runs_per_batch(device) or len(cfgs)}
         records.append(rec)

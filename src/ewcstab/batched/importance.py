@@ -45,6 +45,12 @@ def squared_output_norm_grad(logits: Tensor, _y: Tensor) -> Tensor:
 class OfflineStacked:
     """Base of the importances computed after a task: no per-step work, no per-run state."""
 
+    native = None  # the engine's native passes (``native.NativeGradient``), None: PyTorch ops
+
+    def step_snapshot(self) -> Tensor | None:
+        """A buffer the trainer fills with theta before each step, or None (none needed)."""
+        return None
+
     def begin_task(self, layout: Layout, theta: Tensor) -> None:
         pass
 
@@ -146,10 +152,18 @@ class Signal(OfflineStacked):
 class SynapticIntelligence:
     """SI's online path integral on the flat buffers (importance.si.SI for R runs at once)."""
 
+    native = None  # the engine's native passes (``native.NativeGradient``), None: PyTorch ops
+
     def __init__(self, xi: float = 0.1) -> None:
         self.xi = xi
         self.start = self.accum = self.old = self.grad_copy = None
         self._grad: Tensor | None = None
+        self._snapshot_given = False
+
+    def step_snapshot(self) -> Tensor | None:
+        """theta before the step goes into ``old``: the native gradient pass copies it there on its way."""
+        self._snapshot_given = self.native is not None
+        return self.old if self._snapshot_given else None
 
     def begin_task(self, layout: Layout, theta: Tensor) -> None:
         self.start = theta.clone()
@@ -159,7 +173,9 @@ class SynapticIntelligence:
 
     def before_step(self, theta: Tensor, grad: Tensor, grad_changes: bool) -> None:
         """g is the full loss's gradient before clipping: copied only when clipping will rescale it."""
-        self.old.copy_(theta)
+        if not self._snapshot_given:
+            self.old.copy_(theta)
+        self._snapshot_given = False
         if grad_changes:
             if self.grad_copy is None:
                 self.grad_copy = torch.empty_like(grad)
@@ -168,6 +184,9 @@ class SynapticIntelligence:
             self._grad = grad
 
     def after_step(self, theta: Tensor) -> None:
+        if self.native is not None:  # the same three operations, in one pass
+            self.native.si_accumulate(self.accum, theta, self.old, self._grad)
+            return
         delta = torch.sub(theta, self.old, out=self.old)  # the old parameters are not needed any more
         delta.mul_(self._grad)
         self.accum.sub_(delta)  # w += -g * delta_theta

@@ -1,0 +1,167 @@
+"""The native element-wise passes and the stacked optimizer (issue 8): the same numbers as the PyTorch ops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ewcstab.batched import native, train_batched_with_params
+from ewcstab.batched.optim import StackedAdam, StackedSGD
+from ewcstab.batched.stack import Layout
+from ewcstab.config import RunConfig
+from ewcstab.models import build_model
+
+CPU = torch.device("cpu")
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native passes are not built")
+# parameter sizes with vector tails of every length (and the paper MLP's first layer)
+SIZES = [235200, 300, 45000, 150, 17, 1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _views(flat: torch.Tensor, runs: int) -> list[torch.Tensor]:
+    """Per (parameter, run) views, parameter-major (``Layout.tensors``)."""
+    out, start = [], 0
+    for size in SIZES:
+        for _ in range(runs):
+            out.append(flat[start : start + size])
+            start += size
+    return out
+
+
+def _run_norms(flat: torch.Tensor, runs: int) -> torch.Tensor:
+    """Each run's L2 norm over all its parameters, in double (the reference)."""
+    per_tensor = torch.stack([v.double().norm() for v in _views(flat, runs)]).view(len(SIZES), runs)
+    return per_tensor.norm(dim=0)
+
+
+@needs_native
+@pytest.mark.parametrize("with_penalty", [True, False])
+def test_gradient_pass_equals_the_pytorch_ops(with_penalty):
+    runs = 3
+    n = runs * sum(SIZES)
+    gen = torch.Generator().manual_seed(0)
+    grad, theta, anchor = (torch.randn(n, generator=gen) for _ in range(3))
+    coef = torch.rand(n, generator=gen) * 5
+    for run0 in _views(coef, runs)[::runs]:
+        run0.zero_()  # a lambda = 0 run inside the batch gets an exact zero penalty gradient
+    want_task = _run_norms(grad, runs)
+    pen = (theta - anchor) * coef if with_penalty else torch.zeros(n)
+    want_grad = grad + pen if with_penalty else grad.clone()
+    old = torch.empty(n)
+    norms = native.NativeGradient(SIZES, runs).gradient(
+        grad, theta, anchor if with_penalty else None, coef if with_penalty else None, old)
+    assert torch.equal(grad, want_grad)  # bitwise
+    assert torch.equal(old, theta)
+    for column, want in enumerate((want_task, _run_norms(pen, runs), _run_norms(want_grad, runs))):
+        torch.testing.assert_close(norms[:, column].double(), want, rtol=2e-7, atol=0)  # float32 rounding
+    assert norms[0, 1] == 0.0 and (norms[1:, 1] > 0).all() == with_penalty
+
+
+@needs_native
+def test_norms_see_non_finite_gradients():
+    grad = torch.ones(sum(SIZES) * 2)
+    grad[5] = float("nan")
+    grad[sum(SIZES) + 7] = float("inf")
+    norms = native.NativeGradient(SIZES, 2).gradient(grad, torch.zeros_like(grad))
+    assert torch.isnan(norms[0, 0]) and torch.isinf(norms[1, 0])
+
+
+@needs_native
+def test_si_accumulate_and_byte_gather_equal_the_pytorch_ops():
+    gen = torch.Generator().manual_seed(1)
+    accum, theta, old, grad = (torch.randn(1000, generator=gen) for _ in range(4))
+    want = accum - (theta - old) * grad
+    native.NativeGradient([1000], 1).si_accumulate(accum, theta, old, grad)
+    assert torch.equal(accum, want)
+    images = torch.randint(0, 256, (50, 784), dtype=torch.uint8, generator=gen)
+    rows = torch.randint(0, 50, (300,), generator=gen)
+    assert native.bytes_convert_exactly()
+    got = native.NativeGradient([1], 1).gather_bytes(images, rows)
+    assert torch.equal(got, images.float().div_(255.0).index_select(0, rows))
+
+
+def test_stacked_optimizers_equal_torch_optim():
+    """One flat buffer for all runs, torch's own kernels: bitwise what Adam(fused=True) / SGD(foreach) do."""
+    torch.manual_seed(0)
+    models = [build_model("mlp") for _ in range(2)]
+    layout = Layout.of(models[0], 2)
+    for name, make, stacked in (("adam", lambda p: torch.optim.Adam(p, lr=1e-3, fused=True), StackedAdam),
+                                ("sgd", lambda p: torch.optim.SGD(p, lr=0.1, foreach=True), StackedSGD)):
+        theta = layout.stack([list(m.parameters()) for m in models], CPU)
+        grad = layout.zeros(CPU)
+        opt = stacked(layout, theta, grad, 1e-3 if name == "adam" else 0.1)
+        ref = [p.detach().clone().requires_grad_(True) for p in layout.tensors(theta.clone())]
+        ref_opt = make(ref)
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(5):
+            grad.copy_(torch.randn(grad.shape, generator=gen))
+            for p, g in zip(ref, layout.tensors(grad)):
+                p.grad = g.clone()
+            opt.step()
+            ref_opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(layout.tensors(theta), ref)), name
+
+
+@needs_native
+@pytest.mark.parametrize("method,variant", [("fisher", "original"), ("si", "stabilized"), ("si", "clipped")])
+def test_engine_gives_the_same_runs_with_and_without_native_passes(synthetic_tasks, monkeypatch, method, variant):
+    """Training is bitwise the same; only the telemetry norms may differ, by rounding."""
+    base = RunConfig(method=method, variant=variant, epochs=2, batch_size=100, importance_samples=200,
+                     clip_norm=0.5, divergence_check_every=5)
+    cfgs = [base.replace(seed=s, lam=lam) for s, lam in [(0, 1.0), (1, 10.0), (2, 0.0)]]
+    with_native, p_native = train_batched_with_params(cfgs, synthetic_tasks, CPU)
+    monkeypatch.setattr(native, "available", lambda device: False)
+    with_torch, p_torch = train_batched_with_params(cfgs, synthetic_tasks, CPU)
+    for a, b, pa, pb in zip(with_native, with_torch, p_native, p_torch):
+        assert a.acc_matrix == b.acc_matrix
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+        for sa, sb in zip(a.telemetry, b.telemetry):
+            for key, value in sb.items():
+                assert sa[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
+
+
+@needs_native
+def test_byte_images_give_the_same_runs_as_their_floats(data_root):
+    """Tasks built from byte images carry train_bytes; gathering them gives exactly train_x's batches."""
+    from ewcstab.data import build_tasks
+
+    tasks = build_tasks("permuted_mnist", 2, 0, data_root, CPU, train_subset=300, test_subset=100, download=False)
+    assert tasks[1].train_bytes is not None and tasks[1].train_bytes.dtype == torch.uint8
+    assert torch.equal(tasks[1].train_bytes.float().div_(255.0), tasks[1].train_x)
+    cfgs = [RunConfig(method="mas", lam=1.0, epochs=1, importance_samples=100, seed=s) for s in (0, 1)]
+    got, p_got = train_batched_with_params(cfgs, tasks, CPU)
+    floats = [dataclasses.replace(t, train_bytes=None) for t in tasks]
+    want, p_want = train_batched_with_params(cfgs, floats, CPU)
+    assert [o.acc_matrix for o in got] == [o.acc_matrix for o in want]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(p_got, p_want) for k in a)
+
+
+def test_native_passes_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("EWCSTAB_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and not native.available(CPU)
+    finally:
+        monkeypatch.delenv("EWCSTAB_NATIVE")
+        native.library.cache_clear()
+
+
+def test_a_failed_build_falls_back_to_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("EWCSTAB_NATIVE_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+    finally:
+        monkeypatch.delenv("CC")
+        native.library.cache_clear()
