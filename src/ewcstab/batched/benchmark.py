@@ -170,7 +170,10 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
         synchronize(device)
         wall = (time.perf_counter() - start) / runs
         report("batched", runs, outs[0].train_seconds, outs[0].importance_seconds, wall, (load, _load()))
+    from ewcstab.batched import native
+
     return {"threads": threads, "device": str(device), "matmul_flops": mm, "protocol_flops": flops,
+            "elementwise": "native" if native.available(device) else "torch",
             "floor_seconds": floor, "floor_seconds_median_matmul": floor_median,
             "memory_floor": {str(k): v for k, v in memory_floors.items()},
             "measured": {"tasks": len(tasks), "epochs": cfg.epochs, "steps_per_task": steps_per_task,

@@ -75,11 +75,10 @@ BatchAfterTask = Callable[[int, dict[int, list[float]]], Iterable[int]]
 PER_RUN_FIELDS = ("seed", "lam")
 
 #: Runs stacked together on a CPU when the caller does not say (more are trained batch after batch).
-#: Measured on the shared 2-core Xeon this was written on (benchmark-batched, fisher, one thread, two
-#: repeats): per run, 4 runs per batch ~160 s, 16 runs ~197 s, 64 runs ~204 s for a full protocol run:
-#: the stacked per-run state (about 9 MB per run: parameters, gradient, Adam moments, anchor,
-#: coefficients, penalty gradient) of more runs no longer stays in the caches, and the element-wise
-#: passes then run at memory speed.
+#: Measured on the 2-core Xeon this was written on (benchmark-batched, mas, one thread; README
+#: "Throughput"): per full protocol run, 1 run ~64 s, 2 runs ~59 s, 4 runs ~54 s, 6 ~56 s, 8 and 16 ~61 s:
+#: past 4 runs the stacked per-run state (about 9 MB per run: parameters, gradient, Adam moments, anchor,
+#: coefficients) no longer stays in the caches, and the element-wise passes run at memory speed.
 CPU_RUNS_PER_BATCH = 4
 
 
