@@ -169,8 +169,11 @@ def build_tasks(
             if subset is not None:
                 x, y = x[:subset], y[:subset]
             parts += [transform(x.to(device)), y.to(device)]
-        train_bytes = _load_split_uint8(dataset, str(root), True, download)[0][:train_subset].unsqueeze(1)
-        tasks.append(Task(name, *parts, train_bytes=transform(train_bytes.to(device))))
+        train_bytes = None
+        if device.type == "cpu":  # only the CPU engine's native gather reads them
+            pixels = _load_split_uint8(dataset, str(root), True, download)[0][:train_subset]
+            train_bytes = transform(pixels.unsqueeze(1))
+        tasks.append(Task(name, *parts, train_bytes=train_bytes))
     return tasks
 
 

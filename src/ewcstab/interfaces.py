@@ -21,7 +21,7 @@ class Task:
 
     x: (N, 1, 28, 28) float in [0, 1]; y: (N,) int64. ``train_bytes``: for byte images, train_x's
     pixel bytes (train_x == train_bytes.float() / 255 exactly), which the stacked engine gathers
-    batches from (a quarter of the memory traffic); None otherwise.
+    batches from (a quarter of the memory traffic); None otherwise and on accelerators.
     """
 
     name: str

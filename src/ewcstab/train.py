@@ -238,7 +238,8 @@ def run_sequence(
 #: autograd graph and no gradient zeroing per step, torch's Adam kernel called without the optimizer's
 #: Python bookkeeping, and the element-wise work in native passes (``ewcstab.batched.native``); about 1.3x
 #: faster than ``autograd`` on this CPU, and equal to it: bitwise on one CPU thread, to rounding elsewhere
-#: (telemetry norms: to rounding); other architectures fall back to ``run_sequence``). ``autograd``: ``run_sequence``. ``auto`` (default): ``stacked``.
+#: (telemetry norms: to rounding); other architectures fall back to ``run_sequence``).
+#: ``autograd``: ``run_sequence``. ``auto`` (default): ``stacked``.
 ENGINES = ("auto", "stacked", "autograd")
 
 

@@ -308,7 +308,10 @@ class _Batch:
             for first in range(0, n, cfg.batch_size):
                 idx = orders[:, first : first + cfg.batch_size]  # (R, B)
                 flat_idx = idx.reshape(-1)  # one gather for every run (index_select: faster than x[idx])
-                batch_x = self.native.gather_bytes(images, flat_idx) if images is not None else x_all.index_select(0, flat_idx)
+                if images is not None:
+                    batch_x = self.native.gather_bytes(images, flat_idx)
+                else:
+                    batch_x = x_all.index_select(0, flat_idx)
                 x = batch_x.view(*idx.shape, -1)  # (R, B, 784)
                 y = task.train_y.index_select(0, flat_idx).view(idx.shape)  # (R, B)
                 loss = cross_entropy_step(self.params, self.grads, x, y)

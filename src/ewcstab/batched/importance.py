@@ -158,12 +158,11 @@ class SynapticIntelligence:
         self.xi = xi
         self.start = self.accum = self.old = self.grad_copy = None
         self._grad: Tensor | None = None
-        self._snapshot_given = False
 
     def step_snapshot(self) -> Tensor | None:
-        """theta before the step goes into ``old``: the native gradient pass copies it there on its way."""
-        self._snapshot_given = self.native is not None
-        return self.old if self._snapshot_given else None
+        """theta before the step goes into ``old``: the native gradient pass copies it there on its way
+        (the engine asks whenever it runs the native passes, i.e. whenever ``native`` is set)."""
+        return self.old if self.native is not None else None
 
     def begin_task(self, layout: Layout, theta: Tensor) -> None:
         self.start = theta.clone()
@@ -173,9 +172,8 @@ class SynapticIntelligence:
 
     def before_step(self, theta: Tensor, grad: Tensor, grad_changes: bool) -> None:
         """g is the full loss's gradient before clipping: copied only when clipping will rescale it."""
-        if not self._snapshot_given:
+        if self.native is None:  # else the native gradient pass took the snapshot (step_snapshot)
             self.old.copy_(theta)
-        self._snapshot_given = False
         if grad_changes:
             if self.grad_copy is None:
                 self.grad_copy = torch.empty_like(grad)

@@ -54,7 +54,8 @@ def cache_dir() -> Path:
 def _cpu_identity() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), platform.processor())
+        lines = info.splitlines()
+        return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
     except OSError:
         return platform.processor() + platform.machine()
 
@@ -71,7 +72,8 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_identity()]).encode()).hexdigest()[:16]
+        identity = "\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_identity()])
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         target = cache_dir() / f"elementwise-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,9 @@ class StackedSGD:
         self.bind(old.with_runs(int(keep.numel())), theta, grad)
 
 
-def make_stacked_optimizer(name: str, layout: Layout, theta: Tensor, grad: Tensor, lr: float) -> StackedAdam | StackedSGD:
+def make_stacked_optimizer(
+    name: str, layout: Layout, theta: Tensor, grad: Tensor, lr: float
+) -> StackedAdam | StackedSGD:
     if name == "adam":
         return StackedAdam(layout, theta, grad, lr)
     if name == "sgd":
