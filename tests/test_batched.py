@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 
 import pytest
 import torch
 
 import ewcstab.train as train_mod
 from ewcstab.batched import check_batchable, execute_batched, train_batched, train_batched_with_params
-from ewcstab.batched import engine
+from ewcstab.batched import engine, memory
+from ewcstab.batched.engine import epoch_batches
 from ewcstab.config import ConfigError, RunConfig
 from ewcstab.train import execute, record, run_sequence
 
@@ -359,3 +362,29 @@ def test_a_batch_whose_runs_all_diverge_ends_cleanly(synthetic_tasks):
     outcomes = train_batched([base.replace(seed=s, lam=1e7) for s in (0, 1)], synthetic_tasks, CPU)
     assert all(o.divergence is not None and o.divergence.task == 2 for o in outcomes)
     assert [len(o.acc_matrix) for o in outcomes] == [1, 1]
+
+
+@pytest.mark.parametrize("n", [600, 650])
+def test_epoch_batches_are_the_single_runs_slices(n):
+    """Each step's rows are every run's ``order[s*B : (s+1)*B]``, run after run, with their labels; a last
+    short batch when B does not divide N."""
+    gen = torch.Generator().manual_seed(0)
+    orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(3)])
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    batches = epoch_batches(orders, labels, 100)
+    assert len(batches) == math.ceil(n / 100)
+    for s, (rows, y) in enumerate(batches):
+        want = orders[:, s * 100 : (s + 1) * 100]
+        assert torch.equal(rows, want.reshape(-1)) and rows.is_contiguous()
+        assert torch.equal(y, labels[want])
+
+
+def test_image_copies_keep_their_values_on_aligned_memory():
+    images = torch.randint(0, 256, (3000, 784), dtype=torch.uint8)
+    copy = memory.copy_of(images)
+    assert torch.equal(copy, images) and copy.shape == images.shape and copy.is_contiguous()
+    assert copy.data_ptr() != images.data_ptr()
+    if sys.platform == "linux":  # 2.4 MB: an mmap advised to huge pages, at a 2 MB boundary
+        assert copy.data_ptr() % memory.HUGE_PAGE == 0
+    small = torch.arange(10, dtype=torch.uint8)
+    assert torch.equal(memory.copy_of(small), small)

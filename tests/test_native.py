@@ -66,6 +66,68 @@ def test_gradient_pass_equals_the_pytorch_ops(with_penalty):
     assert norms[0, 1] == 0.0 and (norms[1:, 1] > 0).all() == with_penalty
 
 
+def _torch_step(grad, theta, m, v, anchor, coef, accum, runs, step):
+    """The unfused path: the native gradient pass, torch's fused Adam per (parameter, run) tensor, SI's pass."""
+    passes = native.NativeGradient(SIZES, runs)
+    full, old = grad.clone(), theta.clone()
+    norms = passes.gradient(full, theta, anchor, coef)
+    torch._fused_adam_(_views(theta, runs), _views(full, runs), _views(m, runs), _views(v, runs), [],
+                       [torch.tensor(float(step))] * len(SIZES) * runs, lr=1e-3, beta1=0.9, beta2=0.999,
+                       weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    if accum is not None:
+        passes.si_accumulate(accum, theta, old, full)
+    return norms
+
+
+needs_fused = pytest.mark.skipif(native.adam_width() is None, reason="no native Adam matching this torch build")
+
+
+@needs_fused
+@pytest.mark.parametrize("with_penalty,with_si", [(True, True), (True, False), (False, True), (False, False)])
+def test_fused_adam_step_equals_the_unfused_path(with_penalty, with_si):
+    """Penalty gradient + Adam + SI in one pass: bitwise the gradient pass, torch's Adam kernel and SI's pass."""
+    runs = 3
+    n = runs * sum(SIZES)
+    gen = torch.Generator().manual_seed(3)
+    theta, anchor = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    coef = torch.rand(n, generator=gen) * 5 if with_penalty else None
+    mine = [theta.clone(), torch.zeros(n), torch.zeros(n), torch.zeros(n) if with_si else None]
+    ref = [t.clone() if t is not None else None for t in mine]
+    passes = native.NativeGradient(SIZES, runs)
+    for step in range(1, 13):
+        grad = torch.randn(n, generator=gen) * 10 ** (torch.rand(n, generator=gen) * 8 - 6)
+        kept = grad.clone()
+        got = passes.adam_step(grad, mine[0], mine[1], mine[2], anchor if with_penalty else None, coef, mine[3],
+                               1e-3, (0.9, 0.999), 1e-8, step)
+        want = _torch_step(grad, ref[0], ref[1], ref[2], anchor if with_penalty else None, coef, ref[3], runs, step)
+        assert torch.equal(grad, kept)  # the task gradient is left as it is
+        for a, b in zip(mine, ref):
+            assert a is None or torch.equal(a, b), step  # bitwise
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # the norms: another summation order
+        if not with_penalty:
+            assert (got[:, 1] == 0).all() and torch.equal(got[:, 2], got[:, 0])
+
+
+@needs_fused
+def test_the_width_check_tells_torchs_vector_split_apart():
+    """``adam_width`` is meaningful: the other width splits the tails differently and misses torch's result."""
+    lib = native.library()
+    n = sum(SIZES)
+    sizes = (native.ctypes.c_int64 * len(SIZES))(*SIZES)
+    results = {}
+    for width in (8, 16):
+        theta, m, v = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+        sums, norms = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
+        for step in range(1, 20):
+            grad = torch.randn(n, generator=torch.Generator().manual_seed(step))
+            assert lib.ewc_adam_step(len(SIZES), 1, sizes, grad.data_ptr(), theta.data_ptr(), m.data_ptr(),
+                                     v.data_ptr(), None, None, None, sums.data_ptr(), norms.data_ptr(), 1e-3, 0.9,
+                                     0.999, 1e-8, float(step), width) == 0
+        results[width] = theta
+    assert not torch.equal(results[8], results[16])
+    assert lib.ewc_adam_step(1, 1, sizes, *[None] * 9, 0.0, 0.9, 0.999, 1e-8, 1.0, 4) == -1  # no such width
+
+
 @needs_native
 def test_norms_see_non_finite_gradients():
     grad = torch.ones(sum(SIZES) * 2)
@@ -114,11 +176,17 @@ def test_stacked_optimizers_equal_torch_optim():
 @needs_native
 @pytest.mark.parametrize("method,variant", [("fisher", "original"), ("si", "stabilized"), ("si", "clipped")])
 def test_engine_gives_the_same_runs_with_and_without_native_passes(synthetic_tasks, monkeypatch, method, variant):
-    """Training is bitwise the same; only the telemetry norms may differ, by rounding."""
+    """Training is bitwise the same; only the telemetry norms may differ, by rounding. Without clipping the
+    native passes fuse penalty, Adam and SI into one (``adam_step``); with clipping they cannot."""
     base = RunConfig(method=method, variant=variant, epochs=2, batch_size=100, importance_samples=200,
                      clip_norm=0.5, divergence_check_every=5)
     cfgs = [base.replace(seed=s, lam=lam) for s, lam in [(0, 1.0), (1, 10.0), (2, 0.0)]]
+    fused_steps = []
+    real_step = native.NativeGradient.adam_step
+    monkeypatch.setattr(native.NativeGradient, "adam_step",
+                        lambda self, *a, **k: fused_steps.append(1) or real_step(self, *a, **k))
     with_native, p_native = train_batched_with_params(cfgs, synthetic_tasks, CPU)
+    assert bool(fused_steps) == (variant != "clipped" and native.adam_width() is not None)
     monkeypatch.setattr(native, "available", lambda device: False)
     with_torch, p_torch = train_batched_with_params(cfgs, synthetic_tasks, CPU)
     for a, b, pa, pb in zip(with_native, with_torch, p_native, p_torch):
@@ -165,3 +233,17 @@ def test_a_failed_build_falls_back_to_pytorch(monkeypatch, tmp_path):
     finally:
         monkeypatch.delenv("CC")
         native.library.cache_clear()
+
+
+def test_the_benchmark_times_another_checkouts_single_run_path(data_root):
+    """``benchmark-batched --baseline-src``: the other checkout's own run_sequence, in a subprocess."""
+    from pathlib import Path
+
+    from ewcstab.batched.benchmark import time_baseline
+
+    src = Path(native.__file__).resolve().parents[2]  # this checkout's src folder stands in for an older one
+    cfg = RunConfig(method="mas", lam=1.0, n_tasks=2, epochs=1, train_subset=200, test_subset=100)
+    name, timed = time_baseline(str(src), cfg, str(data_root), threads=1)
+    assert name
+    assert len(timed["train"]) == 2 and len(timed["importance"]) == 1
+    assert timed["wall"] >= sum(timed["train"]) > 0

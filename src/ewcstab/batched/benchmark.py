@@ -17,21 +17,32 @@ backward for fisher/mas, forward for signal), divided by the measured float32 th
 floor (the issue's target: at most 1.5 for the batched engine). Timings depend on the machine and on
 what else runs on it: the load average before and after each measurement is reported with it.
 
+``--baseline-src DIR`` also times the single-run path of another checkout of this project (its ``src``
+folder, e.g. ``git worktree add /tmp/before a786f49`` then ``--baseline-src /tmp/before/src``) in a
+subprocess, in the same sitting and with the same extrapolation: "how much faster than before" compared
+on the same machine state, not across sittings whose matmul speed differs by ~10%.
+
 The matmul floor leaves out what no implementation can skip besides the products: each step the
 optimizer must read the parameters, gradient, both Adam moments, the anchor and the penalty
 coefficients and write the parameters and both moments, ``OPTIMIZER_TRANSFERS`` = 9 float32 transfers
 per parameter. At the measured copy bandwidth of an (R x P)-float buffer (``copy_bandwidth``) that
 is the memory floor; matmul floor + memory floor is a lower bound for any implementation on this
-machine, also reported as a multiple of the matmul floor.
+machine, also reported as a multiple of the matmul floor. (Adam's arithmetic is a bound of its own: two
+divisions and a square root per parameter and step, ~2 cycles per parameter on the development Xeon's
+divider even with all data in L1, ~0.2 ms per run and step; any update bitwise equal to torch's pays it.)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -91,6 +102,42 @@ def extrapolate(train: list[float], importance: list[float], wall: float, steps_
     seconds = first * full_steps + later * full_steps * (FULL_TASKS - 1) + imp * (FULL_TASKS - 1) + per_eval * 55
     return {"step_seconds_task1": first, "step_seconds_later": later, "importance_seconds": imp,
             "eval_seconds_per_test_set": per_eval, "full_run_seconds": seconds}
+
+
+#: Run in a subprocess with another checkout's ``src`` on the path: its own config, data and run_sequence
+#: (the API every commit of this project has), one thread count; prints the run's timings as JSON.
+BASELINE_SCRIPT = """
+import json, sys, time, torch
+from ewcstab.config import RunConfig
+from ewcstab.data import build_tasks
+from ewcstab.train import run_sequence
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+cfg = RunConfig(**spec["config"])
+r = cfg.resolved()
+device = torch.device("cpu")
+tasks = build_tasks(r.sequence, r.n_tasks, cfg.perm_seed, spec["root"], device, cfg.train_subset, cfg.test_subset,
+                    False)
+start = time.perf_counter()
+out = run_sequence(cfg, tasks, device)
+print(json.dumps({"train": out.train_seconds, "importance": out.importance_seconds,
+                  "wall": time.perf_counter() - start}))
+"""
+
+
+def time_baseline(src: str, cfg, root: str, threads: int) -> tuple[str, dict[str, object]]:
+    """Time ``run_sequence`` of the checkout whose package is under ``src`` (``BASELINE_SCRIPT``) for ``cfg``'s
+    protocol on the CPU; returns the checkout's short commit (or the folder's name) and the timings."""
+    fields = ("method", "variant", "lam", "seed", "n_tasks", "epochs", "train_subset", "test_subset")
+    spec = {"threads": threads, "root": root, "config": {f: getattr(cfg, f) for f in fields} | {"download": False}}
+    env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()))
+    done = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, cwd=Path(src).resolve().parent)
+    if done.returncode:
+        raise SystemExit(f"--baseline-src {src}: the baseline run failed:\n{done.stderr[-2000:]}")
+    git = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    name = git.stdout.strip() if git.returncode == 0 else Path(src).resolve().parent.name
+    return name, json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _load() -> float:
@@ -154,6 +201,10 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
             out = run_sequence(cfg, tasks, device)
         synchronize(device)
         report("textbook", 1, out.train_seconds, out.importance_seconds, time.perf_counter() - start, (load, _load()))
+    if args.baseline_src:
+        load = _load()
+        name, timed = time_baseline(args.baseline_src, cfg, str(resolve_data_root(cfg.data_root)), threads)
+        report(f"baseline {name}", 1, timed["train"], timed["importance"], timed["wall"], (load, _load()))
     if not args.no_single:
         load = _load()
         synchronize(device)
@@ -192,6 +243,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-single", action="store_true", help="skip the autograd single-run path (run_sequence)")
     p.add_argument("--textbook", action="store_true",
                    help="also time the textbook training step (ewcstab.textbook), the single path's reference")
+    p.add_argument("--baseline-src", metavar="DIR",
+                   help="also time the single-run path of another checkout's src folder (e.g. an earlier commit)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n torch.mm timing the floor")
     p.add_argument("--json", metavar="FILE", help="also write the timings as JSON")
     p.add_argument("--figure", metavar="FILE.png", help="also draw seconds per run and runs per hour (PNG + PDF)")

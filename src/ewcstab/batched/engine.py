@@ -14,6 +14,8 @@ follows the single-run protocol of ``ewcstab.train.run_sequence`` (PROTOCOL.md) 
   the flat buffers, each run's moments its own;
 - the element-wise work around it (penalty gradient, telemetry norms, SI) in single native passes
   (``native.py``) where a C compiler is at hand, else as PyTorch ops: the same gradient either way;
+  without clipping, one native pass does the penalty gradient, the norms, Adam and SI together
+  (``StackedAdam.native_step``), bitwise the update of torch's kernel (checked: ``native.adam_width``);
 - after each task: evaluation of every run on tasks 1..t, then importances of every run on the last
   ``importance_samples`` training samples (``importance.py``), accumulated, and the anchor set;
 - telemetry and divergence as in ``ewcstab.telemetry``: per-step rows on the device, one host check
@@ -51,7 +53,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ewcstab.batched.importance import build_stacked_importance
-from ewcstab.batched import native
+from ewcstab.batched import memory, native
 from ewcstab.batched.monitor import StackedMonitor
 from ewcstab.batched.optim import make_stacked_optimizer
 from ewcstab.batched.penalty import StackedPenalty
@@ -183,6 +185,22 @@ def train_batched_with_params(
     return outcomes, batch.final_params
 
 
+def epoch_batches(orders: Tensor, labels: Tensor, batch: int) -> list[tuple[Tensor, Tensor]]:
+    """Each step's (R * B,) sample rows (run 0's batch, run 1's, ...) and (R, B) labels, from the epoch's (R, N)
+    orders: ``orders[:, s*B : (s+1)*B]`` as the single-run path takes it, formed in a few ops for the whole epoch
+    (per step, slicing, copying and gathering the labels cost more than the image gather). The last batch
+    has the N % B remaining samples when B does not divide N."""
+    runs, n = orders.shape
+    full = n // batch
+    rows = orders[:, : full * batch].view(runs, full, batch).transpose(0, 1).reshape(full, runs * batch)
+    ys = labels[rows].view(full, runs, batch)
+    out = list(zip(rows.unbind(0), ys.unbind(0)))
+    if n % batch:
+        rest = orders[:, full * batch :].reshape(-1)
+        out.append((rest, labels[rest].view(runs, -1)))
+    return out
+
+
 def _shifted(after_task: BatchAfterTask, offset: int) -> BatchAfterTask:
     """``after_task`` for a sub-batch whose run 0 is run ``offset`` of the caller's list."""
     def hook(t: int, accs: dict[int, list[float]]) -> list[int]:
@@ -215,6 +233,9 @@ class _Batch:
         self.penalty = StackedPenalty(cfg.variant, [c.lam for c in cfgs], cfg.resolved_alpha, cfg.clip_norm)
         self.importance = build_stacked_importance(cfg.method, cfg.fisher_label, cfg.si_xi)
         self.use_native = native.available(device)
+        # penalty, Adam and SI in one native pass: not with clipping (it needs the full norm before the update)
+        self.fused = (self.use_native and cfg.optimizer == "adam" and self.penalty.clip_norm is None
+                      and native.adam_width() is not None)
         self._bind()
         self.generators = [torch.Generator().manual_seed(c.seed) for c in cfgs]
         self.omega = self.layout.zeros(device)
@@ -293,7 +314,7 @@ class _Batch:
         # byte images: gather bytes and convert (native.py), the very floats of x_all at a quarter of the reads
         images = None
         if self.native is not None and task.train_bytes is not None and native.bytes_convert_exactly():
-            images = task.train_bytes.reshape(n, -1)
+            images = memory.copy_of(task.train_bytes.reshape(n, -1))  # on huge pages: random rows, few TLB misses
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         monitor = StackedMonitor(t, runs, total_steps, self.device, penalty.clip_norm, self.blowup)
@@ -305,22 +326,16 @@ class _Batch:
         for _epoch in range(cfg.epochs):
             # (R, N): each run's own permutation, drawn exactly as the single-run path draws it
             orders = torch.stack([torch.randperm(n, generator=g) for g in self.generators]).to(self.device)
-            for first in range(0, n, cfg.batch_size):
-                idx = orders[:, first : first + cfg.batch_size]  # (R, B)
-                flat_idx = idx.reshape(-1)  # one gather for every run (index_select: faster than x[idx])
+            batches = epoch_batches(orders, task.train_y, cfg.batch_size)
+            for i in range(steps_per_epoch):
+                rows, y = batches[i]  # (R * B,) rows, run after run; (R, B) labels
                 if images is not None:
-                    batch_x = self.native.gather_bytes(images, flat_idx)
+                    batch_x = self.native.gather_bytes(images, rows)
                 else:
-                    batch_x = x_all.index_select(0, flat_idx)
-                x = batch_x.view(*idx.shape, -1)  # (R, B, 784)
-                y = task.train_y.index_select(0, flat_idx).view(idx.shape)  # (R, B)
+                    batch_x = x_all.index_select(0, rows)  # one gather for every run (faster than x[idx])
+                x = batch_x.view(*y.shape, -1)  # (R, B, 784)
                 loss = cross_entropy_step(self.params, self.grads, x, y)
-                task_norm, pen_norm, full_norm = self._full_gradient()
-                importance.before_step(self.theta, self.grad, clipping)
-                total = penalty.clip_(layout, self.grad, self.grad_tensors)
-                monitor.record(loss, task_norm, pen_norm, full_norm if total is None else total)
-                self.optimizer.step()
-                importance.after_step(self.theta)
+                monitor.record(loss, self._update(clipping))
                 step += 1
                 if step % cfg.divergence_check_every == 0 or step == total_steps:
                     bar.update(step - bar.n)
@@ -338,9 +353,27 @@ class _Batch:
                             bar.close()
                             return monitor
                         orders = orders.index_select(0, keep)
+                        batches = epoch_batches(orders, task.train_y, cfg.batch_size)
                         layout = self.layout
         bar.close()
         return monitor
+
+    def _update(self, clipping: bool) -> Tensor:
+        """Everything of a step after the products: penalty gradient, clipping, optimizer, SI's path integral.
+        Returns the (R, 3) telemetry norms of the task gradient, the penalty gradient and the gradient the
+        optimizer was given (before clipping: the norm clipping saw)."""
+        penalty, importance = self.penalty, self.importance
+        if self.fused:  # one native pass; the same update (native.adam_width checked it against torch's kernel)
+            # without a penalty the pass's penalty norm is 0 and its full norm the task norm, exactly
+            active = penalty.active
+            return self.optimizer.native_step(self.native, penalty.anchor if active else None,
+                                              penalty.twice_coef if active else None, importance.path_integral())
+        task_norm, pen_norm, full_norm = self._full_gradient()
+        importance.before_step(self.theta, self.grad, clipping)
+        total = penalty.clip_(self.layout, self.grad, self.grad_tensors)
+        self.optimizer.step()
+        importance.after_step(self.theta)
+        return torch.stack([task_norm, pen_norm, (full_norm if total is None else total).to(task_norm.dtype)], 1)
 
     def _full_gradient(self) -> tuple[Tensor, Tensor, Tensor]:
         """Add the penalty gradient to the task gradient in ``self.grad`` (and take SI's snapshot of theta);

@@ -51,6 +51,10 @@ class OfflineStacked:
         """A buffer the trainer fills with theta before each step, or None (none needed)."""
         return None
 
+    def path_integral(self) -> Tensor | None:
+        """The buffer a fused optimizer step adds -g * delta_theta into (SI), or None (none needed)."""
+        return None
+
     def begin_task(self, layout: Layout, theta: Tensor) -> None:
         pass
 
@@ -163,6 +167,11 @@ class SynapticIntelligence:
         """theta before the step goes into ``old``: the native gradient pass copies it there on its way
         (the engine asks whenever it runs the native passes, i.e. whenever ``native`` is set)."""
         return self.old if self.native is not None else None
+
+    def path_integral(self) -> Tensor | None:
+        """accum, for an optimizer step that forms w += -g delta_theta itself (``StackedAdam.native_step``;
+        before_step and after_step are then not called)."""
+        return self.accum
 
     def begin_task(self, layout: Layout, theta: Tensor) -> None:
         self.start = theta.clone()

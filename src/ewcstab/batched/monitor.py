@@ -36,9 +36,11 @@ class StackedMonitor:
         self.steps = 0
         self._checked = 0
 
-    def record(self, loss: Tensor, task_norm: Tensor, pen_norm: Tensor, total: Tensor) -> None:
-        """One step's (R,) columns; no host sync."""
-        self.rows[:, self.steps] = torch.stack([loss, task_norm, pen_norm, total.to(task_norm.dtype)], 1)
+    def record(self, loss: Tensor, norms: Tensor) -> None:
+        """One step's (R,) losses and (R, 3) gradient norms (task, penalty, total); no host sync."""
+        row = self.rows[:, self.steps]
+        row[:, 0] = loss
+        row[:, 1:] = norms
         self.steps += 1
 
     def check(self) -> dict[int, tuple[int, str]]:

@@ -93,6 +93,8 @@ def library() -> ctypes.CDLL | None:
     lib.ewc_si_accumulate.argtypes = [_i, _p, _p, _p, _p]
     lib.ewc_gather_bytes.restype = None
     lib.ewc_gather_bytes.argtypes = [_p, _p, _p, _i, _i]
+    lib.ewc_adam_step.restype = ctypes.c_int
+    lib.ewc_adam_step.argtypes = [_i, _i, _p, *[_p] * 7, _p, _p, *[ctypes.c_double] * 5, _i]
     return lib
 
 
@@ -108,6 +110,50 @@ def bytes_convert_exactly() -> bool:
     rows = torch.zeros(1, dtype=torch.int64)
     lib.ewc_gather_bytes(got.data_ptr(), every.data_ptr(), rows.data_ptr(), 1, 256)
     return torch.equal(got, every.float().div_(255.0))
+
+
+#: Parameter sizes of the self-check: vector tails of every length for both widths, and a long body.
+_CHECK_SIZES = (*range(1, 34), 4099)
+
+
+def adam_width() -> int | None:
+    """The vector width (8 or 16 floats) for which ``ewc_adam_step`` gives, bitwise, what this torch build's
+    ``torch._fused_adam_`` gives (fresh and long-running moments, gradients from 1e-12 to 1e2, zeros); None
+    when neither does (another torch build or CPU) or without the library: the engine then keeps torch's own
+    Adam kernel."""
+    lib = library()
+    return None if lib is None else _matching_width(lib)
+
+
+@functools.cache
+def _matching_width(lib: ctypes.CDLL) -> int | None:
+    gen = torch.Generator().manual_seed(0)
+    n = sum(_CHECK_SIZES)
+    sizes = (ctypes.c_int64 * len(_CHECK_SIZES))(*_CHECK_SIZES)
+    steps = (1.0, 2.0, 3.0, 10.0, 1000.0, 20000.0)
+    grads = [torch.randn(n, generator=gen) * 10 ** (torch.rand(n, generator=gen) * 14 - 12) for _ in steps]
+    for g in grads[::2]:
+        g[::5] = 0.0
+    start = torch.randn(n, generator=gen)
+    for width in (8, 16):
+        theta, m, v = start.clone(), torch.zeros(n), torch.zeros(n)
+        ref = [start.clone(), torch.zeros(n), torch.zeros(n)]
+        ref_lists = [list(t.split(_CHECK_SIZES)) for t in ref]
+        sums, norms = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
+        same = True
+        for step, g in zip(steps, grads):
+            state = torch.tensor(step)
+            torch._fused_adam_(ref_lists[0], list(g.split(_CHECK_SIZES)), ref_lists[1], ref_lists[2], [],
+                               [state] * len(_CHECK_SIZES), lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0,
+                               eps=1e-8, amsgrad=False, maximize=False)
+            lib.ewc_adam_step(len(_CHECK_SIZES), 1, sizes, g.data_ptr(), theta.data_ptr(), m.data_ptr(), v.data_ptr(),
+                              None, None, None, sums.data_ptr(), norms.data_ptr(), 1e-3, 0.9, 0.999, 1e-8, step,
+                              width)
+            same = same and all(torch.equal(a, b) for a, b in zip((theta, m, v), ref))
+        if same:
+            return width
+    log.warning("native Adam step does not match this torch build's fused Adam bitwise: using torch's kernel")
+    return None
 
 
 def available(device: torch.device) -> bool:
@@ -134,6 +180,9 @@ class NativeGradient:
         self._sizes = (ctypes.c_int64 * len(sizes))(*sizes)
         self._n_params = len(sizes)
         self._sums = torch.zeros(runs, 3, dtype=torch.float64)
+        self._norms = torch.zeros(runs, 3)
+        self._adam_buffers: tuple[Tensor | None, ...] = ()  # the last adam_step's buffers and their pointers
+        self._adam_pointers: list[int | None] = []
         self._batch_x: Tensor | None = None
 
     def gradient(self, grad: Tensor, theta: Tensor, anchor: Tensor | None = None, twice_coef: Tensor | None = None,
@@ -144,6 +193,24 @@ class NativeGradient:
         args = _checked(grad, theta, anchor, twice_coef, old)
         self._lib.ewc_gradient(self._n_params, self.runs, self._sizes, *args, self._sums.data_ptr())
         return self._sums.sqrt().to(torch.float32)
+
+    def adam_step(self, grad: Tensor, theta: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, anchor: Tensor | None,
+                  twice_coef: Tensor | None, accum: Tensor | None, lr: float, betas: tuple[float, float], eps: float,
+                  step: int) -> Tensor:
+        """``gradient``, torch's fused Adam step on the full gradient (``adam_width``) and, with ``accum``, SI's
+        path integral accum -= (theta_new - theta) * g, in one pass; ``grad`` keeps the task gradient. Returns the
+        (R, 3) norms as ``gradient`` (a buffer the next call overwrites)."""
+        width = adam_width()
+        if width is None:
+            raise RuntimeError("the native Adam step does not match torch's fused Adam here (see adam_width)")
+        buffers = (grad, theta, exp_avg, exp_avg_sq, anchor, twice_coef, accum)
+        # the same tensors step after step: checked once (at one step per ms, the checks cost ~1%)
+        if len(buffers) != len(self._adam_buffers) or any(a is not b for a, b in zip(buffers, self._adam_buffers)):
+            self._adam_pointers = _checked(*buffers)
+            self._adam_buffers = buffers
+        self._lib.ewc_adam_step(self._n_params, self.runs, self._sizes, *self._adam_pointers, self._sums.data_ptr(),
+                                self._norms.data_ptr(), lr, *betas, eps, float(step), width)
+        return self._norms
 
     def gather_bytes(self, images: Tensor, rows: Tensor) -> Tensor:
         """images[rows] / 255 as float32 (N, width), from (M, width) uint8 images and (N,) int64 rows."""
