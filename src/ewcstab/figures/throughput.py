@@ -1,8 +1,10 @@
 """The throughput figure of ``ewcstab benchmark-batched --figure`` (issue 8, README "Throughput").
 
 Left: seconds per full paper-protocol MLP run for each engine row (textbook, autograd single-run
-path, the stacked engine with one run, as ``ewcstab run`` trains the MLP, and batched at each R), with the matmul floor and the matmul + memory bound as horizontal lines. Right: the same
-as runs per hour per core. Input: the JSON the benchmark writes (``benchmark_batched``'s result).
+path, an earlier checkout's path when timed with ``--baseline-src``, the stacked engine with one run, as
+``ewcstab run`` trains the MLP, and batched at each R), with the matmul floor and the matmul + memory bound
+as horizontal lines. Right: the same as runs per hour per core. Input: the JSON the benchmark writes
+(``benchmark_batched``'s result).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ ENGINE_COLORS = {"textbook": "#999999", "autograd": "#0072B2", "batched": "#D55E
 def _label(row: dict) -> str:
     if row["engine"] == "batched":
         return "stacked R=1\n(ewcstab run)" if row["runs"] == 1 else f"batched\nR={row['runs']}"
-    return row["engine"]
+    return row["engine"].replace(" ", "\n")  # "baseline <commit>" (--baseline-src): two short lines
 
 
 def plot_throughput(result: dict) -> Figure:
