@@ -21,10 +21,20 @@
 #define LANES 16
 #define BLOCK 1024 /* elements summed in float lanes before joining the run's double sums */
 
+/* One block's float lanes of the three sums of squares, joined into the run's double sums s[3]. */
+static inline __attribute__((always_inline)) void join_lanes(const float *l0, const float *l1, const float *l2,
+                                                             double *s) {
+    for (int j = 0; j < LANES; j++) {
+        s[0] += l0[j];
+        s[1] += l1[j];
+        s[2] += l2[j];
+    }
+}
+
 static inline __attribute__((always_inline)) void gradient_chunk(
     int64_t n, float *grad, const float *theta, const float *anchor, const float *coef, float *old, double *sums,
     const int PEN, const int COPY) {
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    double s[3] = {0.0, 0.0, 0.0};
     int64_t i = 0;
     while (i < n) {
         int64_t stop = i + BLOCK < n ? i + BLOCK : n;
@@ -52,15 +62,11 @@ static inline __attribute__((always_inline)) void gradient_chunk(
             if (PEN) grad[i] = gt;
             if (COPY) old[i] = theta[i];
         }
-        for (int j = 0; j < LANES; j++) {
-            s0 += l0[j];
-            s1 += l1[j];
-            s2 += l2[j];
-        }
+        join_lanes(l0, l1, l2, s);
     }
-    sums[0] += s0;
-    sums[1] += s1;
-    sums[2] += s2;
+    sums[0] += s[0];
+    sums[1] += s[1];
+    sums[2] += s[2];
 }
 
 static inline __attribute__((always_inline)) void gradient_all(
@@ -155,7 +161,7 @@ static inline __attribute__((always_inline)) void adam_chunk(
     const float *restrict anchor, const float *restrict coef, float *restrict accum, const adam_consts *c,
     double *sums, const int PEN, const int SI, const int WIDTH) {
     int64_t body = n - n % WIDTH;
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    double s[3] = {0.0, 0.0, 0.0};
     int64_t i = 0;
     while (i < n) {
         int64_t stop = i + BLOCK < n ? i + BLOCK : n;
@@ -168,15 +174,11 @@ static inline __attribute__((always_inline)) void adam_chunk(
             else
                 ADAM_ONE(i, 0, 0);
         }
-        for (int j = 0; j < LANES; j++) {
-            s0 += l0[j];
-            s1 += l1[j];
-            s2 += l2[j];
-        }
+        join_lanes(l0, l1, l2, s);
     }
-    sums[0] += s0;
-    sums[1] += s1;
-    sums[2] += s2;
+    sums[0] += s[0];
+    sums[1] += s[1];
+    sums[2] += s[2];
 }
 
 static inline __attribute__((always_inline)) void adam_all(
