@@ -147,21 +147,19 @@ def test_a_diverging_run_leaves_the_others_unchanged(synthetic_tasks, monkeypatc
 
 def test_divergence_step_is_exact_in_a_batch(synthetic_tasks, monkeypatch):
     """A NaN loss at one step of one run is reported at that step, whatever the check interval."""
-    import ewcstab.batched.stack as stack_mod
+    from ewcstab.batched.monitor import StackedMonitor
 
-    real = stack_mod.F.nll_loss
+    real = StackedMonitor.record
     calls = {"n": 0}
 
-    def poisoned(logp, target, reduction):
+    def poisoned(self, loss, norms):
         calls["n"] += 1
-        loss = real(logp, target, reduction=reduction)
-        if calls["n"] == 20:  # step 8 of task 2 (12 steps per task): poison run 1's samples only
-            loss = loss.clone().view(3, -1)
+        if calls["n"] == 20:  # step 8 of task 2 (12 steps per task): poison run 1's loss only
+            loss = loss.clone()
             loss[1] = float("nan")
-            loss = loss.view(-1)
-        return loss
+        real(self, loss, norms)
 
-    monkeypatch.setattr(stack_mod.F, "nll_loss", poisoned)
+    monkeypatch.setattr(StackedMonitor, "record", poisoned)
     base = RunConfig(method="fisher", lam=1.0, epochs=1, batch_size=50, importance_samples=200,
                      divergence_check_every=5)
     outcomes = train_batched([base.replace(seed=s) for s in range(3)], synthetic_tasks, CPU)

@@ -128,6 +128,76 @@ def test_the_width_check_tells_torchs_vector_split_apart():
     assert lib.ewc_adam_step(1, 1, sizes, *[None] * 9, 0.0, 0.9, 0.999, 1e-8, 1.0, 4) == -1  # no such width
 
 
+PAPER_MLP = (784, 300, 150, 10)
+needs_mlp_step = pytest.mark.skipif(
+    native.library() is None or native._checked_mlp_kernels(native.library(), PAPER_MLP) is None,
+    reason="the native MLP step does not reproduce this torch build's kernels (or no C compiler)")
+
+
+@needs_mlp_step
+@pytest.mark.parametrize("runs,batch", [(1, 100), (3, 37)])
+def test_native_mlp_step_equals_the_pytorch_ops(runs, batch):
+    """One native call gives the very gradients of ``stack.cross_entropy_step`` (bitwise) and its losses (to
+    rounding: summed in double), for every run of a batch, also for a batch that is not the paper's 100."""
+    from ewcstab.batched.stack import cross_entropy_step
+
+    gen = torch.Generator().manual_seed(runs)
+    models = []
+    for seed in range(runs):
+        torch.manual_seed(seed)
+        models.append(build_model("mlp"))
+    layout = Layout.of(models[0], runs)
+    assert layout.widths == PAPER_MLP
+    theta = layout.stack([list(m.parameters()) for m in models], CPU)
+    want, got = layout.zeros(CPU), layout.zeros(CPU)
+    x = torch.rand(runs * batch, 784, generator=gen)
+    y = torch.randint(0, 10, (runs, batch), generator=gen)
+    want_loss = cross_entropy_step(layout.views(theta), layout.views(want), x.view(runs, batch, -1), y)
+    got_loss = native.NativeMlpStep(PAPER_MLP, runs, native.mlp_kernels(PAPER_MLP))(theta, got, x, y)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+
+
+@needs_mlp_step
+def test_the_mlp_step_checks_tell_torchs_kernels_apart():
+    """The piece checks are meaningful: the other vector width sums log_softmax's exponentials in another order,
+    and an unfused backward or another column-sum split misses torch's bits; tiny products, for which torch
+    loops instead of calling BLAS, are refused as a whole."""
+    lib = native.library()
+    kernels = native.mlp_kernels(PAPER_MLP)
+    gen = torch.Generator().manual_seed(0)
+    scratch = torch.empty(400)
+    x = torch.randn(64, 10, generator=gen) * 5
+    outs = {}
+    for width in (8, 16):
+        outs[width] = torch.empty_like(x)
+        lib.ewc_log_softmax(x.data_ptr(), outs[width].data_ptr(), 64, 10, width, scratch.data_ptr())
+    assert torch.equal(outs[kernels.softmax_width], torch.log_softmax(x, 1))
+    assert not torch.equal(outs[8], outs[16])
+    logp = torch.log_softmax(torch.randn(256, 10, generator=gen) * 5, 1)
+    target = torch.randint(0, 10, (256,), generator=gen)
+    deltas = []
+    for contract in (0, 1):
+        deltas.append(torch.empty_like(logp))
+        lib.ewc_cross_entropy_backward(logp.data_ptr(), target.data_ptr(), deltas[-1].data_ptr(), 256, 10, -1 / 100,
+                                       kernels.softmax_width, contract, scratch.data_ptr())
+    assert not torch.equal(deltas[0], deltas[1])  # -1/100 * exp(logp) rounds: fused or not shows
+    rows = torch.randn(100, 300, generator=gen)
+    sums = {}
+    for width in (8, 16):
+        sums[width] = torch.empty(300)
+        lib.ewc_column_sums(rows.data_ptr(), 100, 300, sums[width].data_ptr(), width)
+    assert torch.equal(sums[kernels.sum_width], rows.sum(0))
+    assert not torch.equal(sums[8], sums[16])
+    assert native.mlp_kernels((20, 7, 5)) is None
+
+
+def test_the_mlp_step_is_only_used_on_one_thread():
+    """With more threads torch splits its batched products over runs: other sums, so the PyTorch ops are kept."""
+    torch.set_num_threads(2)
+    assert native.mlp_kernels(PAPER_MLP) is None
+
+
 @needs_native
 def test_norms_see_non_finite_gradients():
     grad = torch.ones(sum(SIZES) * 2)
@@ -181,12 +251,14 @@ def test_engine_gives_the_same_runs_with_and_without_native_passes(synthetic_tas
     base = RunConfig(method=method, variant=variant, epochs=2, batch_size=100, importance_samples=200,
                      clip_norm=0.5, divergence_check_every=5)
     cfgs = [base.replace(seed=s, lam=lam) for s, lam in [(0, 1.0), (1, 10.0), (2, 0.0)]]
-    fused_steps = []
-    real_step = native.NativeGradient.adam_step
+    fused_steps, mlp_steps = [], []
+    real_step, real_mlp = native.NativeGradient.adam_step, native.NativeMlpStep.__call__
     monkeypatch.setattr(native.NativeGradient, "adam_step",
                         lambda self, *a, **k: fused_steps.append(1) or real_step(self, *a, **k))
+    monkeypatch.setattr(native.NativeMlpStep, "__call__", lambda self, *a: mlp_steps.append(1) or real_mlp(self, *a))
     with_native, p_native = train_batched_with_params(cfgs, synthetic_tasks, CPU)
     assert bool(fused_steps) == (variant != "clipped" and native.adam_width() is not None)
+    assert bool(mlp_steps) == (native.mlp_kernels(PAPER_MLP) is not None)
     monkeypatch.setattr(native, "available", lambda device: False)
     with_torch, p_torch = train_batched_with_params(cfgs, synthetic_tasks, CPU)
     for a, b, pa, pb in zip(with_native, with_torch, p_native, p_torch):

@@ -227,3 +227,278 @@ int ewc_adam_step(int64_t n_params, int64_t runs, const int64_t *sizes, float *g
     for (int64_t i = 0; i < 3 * runs; i++) norms[i] = (float)sqrt(sums[i]);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------------------
+ * The MLP's forward and backward for R stacked runs in one call (ewc_mlp_grad): what stack.cross_entropy_step
+ * does with a dozen PyTorch ops, here with the very kernels those ops end in, called straight:
+ *   - the products: torch's BLAS sgemm (exported by libtorch_cpu; set by ewc_set_kernels), with the arguments
+ *     torch's addmm/bmm pass it (MKL_VERBOSE shows them): forward SGEMM(T, N, out, B, in) onto the bias rows
+ *     (beta 1), weight gradient SGEMM(N, T, in, out, B), input gradient SGEMM(N, N, in, B, out);
+ *   - leaky ReLU and its backward: a > 0 ? a : a * slope, exactly torch's kernels;
+ *   - log_softmax over the last dim and its backward with Sleef's expf/logf (torch's own vector functions, exported
+ *     by libtorch_cpu), replaying the lane order of ATen's vec::reduce_all / map_reduce_all for torch's vector
+ *     width (8 or 16 floats) and, for grad - exp(logp) * sum, whether torch's build fused it into one fma;
+ *   - nll_loss's backward (-1/B at each target) and the bias gradients: ATen's cascade sum over the batch
+ *     (SumKernel.cpp: multi_row_sum / row_sum, as vectorized_outer_sum assigns them to the columns).
+ * native.mlp_config() checks each piece and the whole against the PyTorch ops before the engine uses it. The loss
+ * (telemetry only) is summed in double. */
+#include <immintrin.h>
+
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
+                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
+typedef __m256 (*vf8_fn)(__m256);
+static sgemm_fn k_sgemm = 0;
+static vf8_fn k_exp8 = 0, k_log8 = 0;
+#ifdef __AVX512F__
+typedef __m512 (*vf16_fn)(__m512);
+static vf16_fn k_exp16 = 0, k_log16 = 0;
+#endif
+
+/* torch's sgemm and Sleef's expf/logf for 8 (and 16) lanes; returns the widths available as a bit set (8: 1, 16: 2). */
+int ewc_set_kernels(void *sgemm, void *exp8, void *log8, void *exp16, void *log16) {
+    k_sgemm = (sgemm_fn)sgemm;
+    k_exp8 = (vf8_fn)exp8;
+    k_log8 = (vf8_fn)log8;
+    int widths = (sgemm && exp8 && log8) ? 1 : 0;
+#ifdef __AVX512F__
+    k_exp16 = (vf16_fn)exp16;
+    k_log16 = (vf16_fn)log16;
+    if (sgemm && exp16 && log16) widths |= 2;
+#endif
+    return widths;
+}
+
+/* out[0..V) = exp or log of in[0..V), V lanes at once (Sleef is element-wise: a lane's result is its own). */
+static void lanes_apply(int is_log, int64_t width, const float *in, float *out) {
+#ifdef __AVX512F__
+    if (width == 16) {
+        _mm512_storeu_ps(out, (is_log ? k_log16 : k_exp16)(_mm512_loadu_ps(in)));
+        return;
+    }
+#endif
+    _mm256_storeu_ps(out, (is_log ? k_log8 : k_exp8)(_mm256_loadu_ps(in)));
+}
+
+/* _mm256/_mm512_max_ps (the second operand unless the first is larger) made NaN-propagating as vec::maximum. */
+static inline float vec_maximum(float a, float b) {
+    if (a != a || b != b) return NAN;
+    return a > b ? a : b;
+}
+
+static inline float reduce_op(int is_max, float a, float b) { return is_max ? vec_maximum(a, b) : a + b; }
+
+/* vec::reduce_all(op, v, size) for torch's vector width: in order below the width, else lane-wise over
+ * vectors (the partial last one into its first lanes) and the shuffle tree of VecReduceAllSIMD. */
+static float reduce_all(int is_max, const float *v, int64_t size, int64_t width) {
+    if (size < width) {
+        float acc = v[0];
+        for (int64_t i = 1; i < size; i++) acc = reduce_op(is_max, acc, v[i]);
+        return acc;
+    }
+    float a[16], b[16];
+    for (int64_t l = 0; l < width; l++) a[l] = v[l];
+    int64_t d = width;
+    for (; d < size - size % width; d += width)
+        for (int64_t l = 0; l < width; l++) a[l] = reduce_op(is_max, a[l], v[d + l]);
+    for (int64_t l = 0; l < size - d; l++) a[l] = reduce_op(is_max, a[l], v[d + l]);
+    /* lane l meets lane l ^ s, for s = 8 (512 bits only), 4, 2, 1; the first operand is the lane's own */
+    for (int64_t s = width / 2; s >= 1; s /= 2) {
+        for (int64_t l = 0; l < width; l++) b[l] = reduce_op(is_max, a[l], a[l ^ s]);
+        for (int64_t l = 0; l < width; l++) a[l] = b[l];
+    }
+    return a[0];
+}
+
+/* out = log_softmax(x) over rows of length D (in place allowed): (x - max) - log(sum exp(x - max)). */
+static void log_softmax_rows(const float *x, float *out, int64_t rows, int64_t D, int64_t width, float *scratch) {
+    float in[16], res[16];
+    float *e = scratch; /* D exponentials */
+    for (int64_t i = 0; i < rows; i++) {
+        const float *r = x + i * D;
+        float mx = reduce_all(1, r, D, width);
+        for (int64_t d = 0; d < D; d += width) {
+            int64_t n = D - d < width ? D - d : width;
+            for (int64_t l = 0; l < width; l++) in[l] = (l < n ? r[d + l] : 0.0f) - mx;
+            lanes_apply(0, width, in, res);
+            for (int64_t l = 0; l < n; l++) e[d + l] = res[l];
+        }
+        float sum = reduce_all(0, e, D, width);
+        for (int64_t l = 0; l < width; l++) in[l] = sum;
+        lanes_apply(1, width, in, res);
+        float lse = res[0];
+        for (int64_t c = 0; c < D; c++) out[i * D + c] = r[c] - mx - lse;
+    }
+}
+
+/* d loss / d logits of the mean cross-entropy from the log-probabilities: nll_loss_backward (g = -(1 / B) at the
+ * target, 0 elsewhere), then _log_softmax_backward_data: g - exp(logp) * sum(g) (contract: as one fma). */
+static void cross_entropy_backward(const float *logp, const int64_t *targets, float *delta, int64_t rows, int64_t D,
+                                   float at_target, int64_t width, int contract, float *scratch) {
+    float in[16], res[16];
+    float *g = scratch;
+    for (int64_t i = 0; i < rows; i++) {
+        for (int64_t c = 0; c < D; c++) g[c] = 0.0f;
+        g[targets[i]] = at_target;
+        float sum = reduce_all(0, g, D, width);
+        for (int64_t d = 0; d < D; d += width) {
+            int64_t n = D - d < width ? D - d : width;
+            for (int64_t l = 0; l < width; l++) in[l] = l < n ? logp[i * D + d + l] : 0.0f;
+            lanes_apply(0, width, in, res);
+            for (int64_t l = 0; l < n; l++)
+                delta[i * D + d + l] = contract ? fmaf(-res[l], sum, g[d + l]) : g[d + l] - res[l] * sum;
+        }
+    }
+}
+
+static int64_t ceil_log2(int64_t x) {
+    if (x <= 2) return 1;
+    int64_t bits = 0;
+    for (uint64_t v = (uint64_t)(x - 1); v; v >>= 1) bits++;
+    return bits;
+}
+
+/* ATen's multi_row_sum for one column: n values p[0], p[stride], ... summed in levels of 2^level_power. */
+static float level_sum(const float *p, int64_t stride, int64_t n) {
+    const int64_t levels = 4;
+    int64_t power = ceil_log2(n) / levels;
+    if (power < 4) power = 4;
+    const int64_t step = (int64_t)1 << power, mask = step - 1;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    while (i + step <= n) {
+        for (int64_t j = 0; j < step; j++, i++) acc[0] += p[i * stride];
+        for (int64_t j = 1; j < levels; j++) {
+            acc[j] += acc[j - 1];
+            acc[j - 1] = 0.0f;
+            if ((i & (mask << (j * power))) != 0) break;
+        }
+    }
+    for (; i < n; i++) acc[0] += p[i * stride];
+    for (int64_t j = 1; j < levels; j++) acc[0] += acc[j];
+    return acc[0];
+}
+
+/* ATen's row_sum: four interleaved partial sums (rows 4i + k), the rest into the first, then joined. */
+static float ilp_sum(const float *p, int64_t stride, int64_t n) {
+    int64_t quarter = n / 4;
+    float part[4];
+    for (int64_t k = 0; k < 4; k++) part[k] = level_sum(p + k * stride, 4 * stride, quarter);
+    for (int64_t i = quarter * 4; i < n; i++) part[0] += p[i * stride];
+    for (int64_t k = 1; k < 4; k++) part[0] += part[k];
+    return part[0];
+}
+
+/* out[c] = sum over rows of in[row, c] as torch.sum(in, 0) does it, onto zeros: vectorized_outer_sum for at least
+ * a vector's width of columns (blocks of 4 vectors level-summed, the rest row_sum), else scalar_outer_sum (blocks
+ * of 4 columns level-summed, the rest row_sum). */
+static void column_sums(const float *in, int64_t rows, int64_t cols, float *out, int64_t width) {
+    int64_t j = 0, block = cols >= width ? 4 * width : 4;
+    for (; j + block <= cols; j += block)
+        for (int64_t c = j; c < j + block; c++) out[c] = 0.0f + level_sum(in + c, cols, rows);
+    for (; j < cols; j++) out[j] = 0.0f + ilp_sum(in + j, cols, rows);
+}
+
+/* Test entry points for the pieces (native.mlp_config checks each against the PyTorch op). */
+void ewc_log_softmax(const float *x, float *out, int64_t rows, int64_t D, int64_t width, float *scratch) {
+    log_softmax_rows(x, out, rows, D, width, scratch);
+}
+void ewc_cross_entropy_backward(const float *logp, const int64_t *targets, float *delta, int64_t rows, int64_t D,
+                                float at_target, int64_t width, int64_t contract, float *scratch) {
+    cross_entropy_backward(logp, targets, delta, rows, D, at_target, width, (int)contract, scratch);
+}
+void ewc_column_sums(const float *in, int64_t rows, int64_t cols, float *out, int64_t width) {
+    column_sums(in, rows, cols, out, width);
+}
+
+/* Floats of workspace ewc_mlp_grad needs: the activations of the hidden layers, the logits, two delta buffers
+ * and a row of scratch. */
+int64_t ewc_mlp_workspace(int64_t layers, const int64_t *widths, int64_t runs, int64_t batch) {
+    int64_t rows = runs * batch, widest = 0, total = 0;
+    for (int64_t l = 1; l < layers; l++) total += rows * widths[l];
+    for (int64_t l = 0; l <= layers; l++) widest = widths[l] > widest ? widths[l] : widest;
+    return total + rows * widths[layers] + 2 * rows * widest + widest + 16;
+}
+
+/* One step's task gradient of R stacked MLPs (layers Linear layers of widths[0] -> ... -> widths[layers], leaky
+ * ReLU between, mean cross-entropy): theta/grad are the flat parameter-major buffers (stack.Layout), x the (R * B,
+ * widths[0]) batch run after run, targets (R * B,). Writes every gradient and loss[r] (the run's mean
+ * cross-entropy). softmax_width/sum_width: torch's vector width of its log_softmax and sum kernels; contract:
+ * whether its log_softmax backward fuses a multiply-add. Returns 0, or -1 without the kernels for that width. */
+int ewc_mlp_grad(int64_t layers, const int64_t *widths, int64_t runs, int64_t batch, const float *x,
+                 const int64_t *targets, const float *theta, float *grad, float *work, float *loss, float slope,
+                 int64_t softmax_width, int64_t contract, int64_t sum_width) {
+    if (!k_sgemm || (softmax_width != 8 && softmax_width != 16)) return -1;
+#ifdef __AVX512F__
+    if (softmax_width == 16 && !(k_exp16 && k_log16)) return -1;
+#else
+    if (softmax_width == 16) return -1;
+#endif
+    const float one = 1.0f, zero = 0.0f;
+    const int64_t rows = runs * batch, classes = widths[layers];
+    int64_t w_off[64], b_off[64];
+    const float *acts[65];
+    if (layers > 63) return -1;
+    int64_t off = 0;
+    for (int64_t l = 0; l < layers; l++) {
+        w_off[l] = off;
+        off += runs * widths[l] * widths[l + 1];
+        b_off[l] = off;
+        off += runs * widths[l + 1];
+    }
+    float *wp = work;
+    acts[0] = x;
+    for (int64_t l = 1; l < layers; l++) {
+        acts[l] = wp;
+        wp += rows * widths[l];
+    }
+    float *logits = wp;
+    wp += rows * classes;
+    int64_t widest = 0;
+    for (int64_t l = 0; l <= layers; l++) widest = widths[l] > widest ? widths[l] : widest;
+    float *delta = wp, *back = wp + rows * widest, *scratch = wp + 2 * rows * widest;
+    /* forward: z = bias rows, then z += h W^T per run; leaky ReLU in place but on the logits */
+    for (int64_t l = 0; l < layers; l++) {
+        int in = (int)widths[l], out = (int)widths[l + 1], b = (int)batch;
+        float *z = l + 1 < layers ? (float *)acts[l + 1] : logits;
+        for (int64_t r = 0; r < runs; r++) {
+            const float *bias = theta + b_off[l] + r * out;
+            float *zr = z + r * batch * out;
+            for (int64_t i = 0; i < batch; i++)
+                for (int64_t c = 0; c < out; c++) zr[i * out + c] = bias[c];
+            k_sgemm("T", "N", &out, &b, &in, &one, theta + w_off[l] + r * (int64_t)out * in, &in,
+                    acts[l] + r * batch * in, &in, &one, zr, &out);
+        }
+        if (l + 1 < layers)
+            for (int64_t i = 0; i < rows * out; i++) z[i] = z[i] > 0.0f ? z[i] : z[i] * slope;
+    }
+    /* the loss and d loss / d logits */
+    log_softmax_rows(logits, logits, rows, classes, softmax_width, scratch);
+    for (int64_t r = 0; r < runs; r++) {
+        double s = 0.0;
+        for (int64_t i = r * batch; i < (r + 1) * batch; i++) s -= logits[i * classes + targets[i]];
+        loss[r] = (float)(s / (double)batch);
+    }
+    cross_entropy_backward(logits, targets, delta, rows, classes, -(1.0f / (float)batch), softmax_width,
+                           (int)contract, scratch);
+    /* backward, layer by layer from the top */
+    for (int64_t l = layers - 1; l >= 0; l--) {
+        int in = (int)widths[l], out = (int)widths[l + 1], b = (int)batch;
+        for (int64_t r = 0; r < runs; r++) {
+            const float *dr = delta + r * batch * out;
+            k_sgemm("N", "T", &in, &out, &b, &one, acts[l] + r * batch * in, &in, dr, &out, &zero,
+                    grad + w_off[l] + r * (int64_t)out * in, &in);
+            column_sums(dr, batch, out, grad + b_off[l] + r * out, sum_width);
+            if (l > 0)
+                k_sgemm("N", "N", &in, &b, &out, &one, theta + w_off[l] + r * (int64_t)out * in, &in, dr, &out,
+                        &zero, back + r * batch * in, &in);
+        }
+        if (l > 0) {
+            const float *a = acts[l];
+            for (int64_t i = 0; i < rows * in; i++) back[i] = a[i] > 0.0f ? back[i] : back[i] * slope;
+            float *t = delta;
+            delta = back;
+            back = t;
+        }
+    }
+    return 0;
+}

@@ -233,6 +233,8 @@ class _Batch:
         self.penalty = StackedPenalty(cfg.variant, [c.lam for c in cfgs], cfg.resolved_alpha, cfg.clip_norm)
         self.importance = build_stacked_importance(cfg.method, cfg.fisher_label, cfg.si_xi)
         self.use_native = native.available(device)
+        # the forward/backward in one native call where it reproduces the PyTorch ops here (one thread, this build)
+        self.mlp_kernels = native.mlp_kernels(self.layout.widths) if self.use_native else None
         # penalty, Adam and SI in one native pass: not with clipping (it needs the full norm before the update)
         self.fused = (self.use_native and cfg.optimizer == "adam" and self.penalty.clip_norm is None
                       and native.adam_width() is not None)
@@ -253,6 +255,8 @@ class _Batch:
         self.grad_tensors = self.layout.tensors(self.grad)
         self.zeros = torch.zeros(self.layout.runs, device=self.device)
         self.native = native.NativeGradient(self.layout.sizes, self.layout.runs) if self.use_native else None
+        self.mlp_step = (None if self.mlp_kernels is None
+                         else native.NativeMlpStep(self.layout.widths, self.layout.runs, self.mlp_kernels))
         self.importance.native = self.native
 
     # ------------------------------------------------------------------ the protocol loop
@@ -333,8 +337,10 @@ class _Batch:
                     batch_x = self.native.gather_bytes(images, rows)
                 else:
                     batch_x = x_all.index_select(0, rows)  # one gather for every run (faster than x[idx])
-                x = batch_x.view(*y.shape, -1)  # (R, B, 784)
-                loss = cross_entropy_step(self.params, self.grads, x, y)
+                if self.mlp_step is not None:  # the same gradients (native.mlp_kernels checked it), one call
+                    loss = self.mlp_step(self.theta, self.grad, batch_x, y)
+                else:
+                    loss = cross_entropy_step(self.params, self.grads, batch_x.view(*y.shape, -1), y)  # x (R, B, 784)
                 monitor.record(loss, self._update(clipping))
                 step += 1
                 if step % cfg.divergence_check_every == 0 or step == total_steps:

@@ -22,6 +22,7 @@ in the log. Run records name the path in ``elementwise`` ("native" or "torch").
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ewcstab.models.mlp import LEAKY_SLOPE
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,18 @@ def library() -> ctypes.CDLL | None:
     lib.ewc_gather_bytes.argtypes = [_p, _p, _p, _i, _i]
     lib.ewc_adam_step.restype = ctypes.c_int
     lib.ewc_adam_step.argtypes = [_i, _i, _p, *[_p] * 7, _p, _p, *[ctypes.c_double] * 5, _i]
+    lib.ewc_set_kernels.restype = ctypes.c_int
+    lib.ewc_set_kernels.argtypes = [_p] * 5
+    lib.ewc_log_softmax.restype = None
+    lib.ewc_log_softmax.argtypes = [_p, _p, _i, _i, _i, _p]
+    lib.ewc_cross_entropy_backward.restype = None
+    lib.ewc_cross_entropy_backward.argtypes = [_p, _p, _p, _i, _i, ctypes.c_float, _i, _i, _p]
+    lib.ewc_column_sums.restype = None
+    lib.ewc_column_sums.argtypes = [_p, _i, _i, _p, _i]
+    lib.ewc_mlp_workspace.restype = _i
+    lib.ewc_mlp_workspace.argtypes = [_i, _p, _i, _i]
+    lib.ewc_mlp_grad.restype = ctypes.c_int
+    lib.ewc_mlp_grad.argtypes = [_i, _p, _i, _i, _p, _p, _p, _p, _p, _p, ctypes.c_float, _i, _i, _i]
     return lib
 
 
@@ -154,6 +169,137 @@ def _matching_width(lib: ctypes.CDLL) -> int | None:
             return width
     log.warning("native Adam step does not match this torch build's fused Adam bitwise: using torch's kernel")
     return None
+
+
+#: Symbols of libtorch_cpu the native MLP step calls: its BLAS sgemm and Sleef's expf/logf for 8 and 16 lanes.
+TORCH_KERNELS = ("sgemm_", "Sleef_expf8_u10", "Sleef_logf8_u10", "Sleef_expf16_u10", "Sleef_logf16_u10")
+
+
+@functools.cache
+def _kernel_widths(lib: ctypes.CDLL) -> tuple[int, ...]:
+    """Hand torch's own kernels (``TORCH_KERNELS``) to the library; the vector widths it then has them for."""
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        torch_lib = ctypes.CDLL(str(path))  # already loaded by torch: the same handle
+    except OSError:
+        return ()
+    addresses = [ctypes.cast(getattr(torch_lib, name), ctypes.c_void_p).value if hasattr(torch_lib, name) else None
+                 for name in TORCH_KERNELS]
+    found = lib.ewc_set_kernels(*addresses)
+    return tuple(w for bit, w in ((1, 8), (2, 16)) if found & bit)
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpKernels:
+    """How this torch build computes the MLP step's small ops: the vector width of its log_softmax and of its sum
+    kernel, and whether its log_softmax backward fuses grad - exp(logp) * sum into one multiply-add."""
+
+    softmax_width: int
+    contract: bool
+    sum_width: int
+
+
+def mlp_kernels(widths: tuple[int, ...]) -> MlpKernels | None:
+    """The settings under which ``ewc_mlp_grad`` gives, bitwise, ``stack.cross_entropy_step``'s gradients for an MLP
+    of these layer widths on one thread (checked piece by piece against the PyTorch ops, then whole), or None: no
+    library, not one thread (torch then splits its batched products over runs; the native step would not match or
+    gain), no exported kernels, or no match (another torch build or BLAS). The engine then keeps the PyTorch ops."""
+    lib = library()
+    if lib is None or torch.get_num_threads() != 1:
+        return None
+    return _checked_mlp_kernels(lib, tuple(widths))
+
+
+@functools.cache
+def _checked_mlp_kernels(lib: ctypes.CDLL, widths: tuple[int, ...]) -> MlpKernels | None:
+    available_widths = _kernel_widths(lib)
+    gen = torch.Generator().manual_seed(0)
+    scratch = torch.empty(max(widths) + 64)
+
+    def log_softmax_matches(width: int) -> bool:
+        for classes in (widths[-1], 3, 10, 17):
+            x = torch.randn(64, classes, generator=gen) * 5
+            out = torch.empty_like(x)
+            lib.ewc_log_softmax(x.data_ptr(), out.data_ptr(), 64, classes, width, scratch.data_ptr())
+            if not torch.equal(out, torch.log_softmax(x, 1)):
+                return False
+        return True
+
+    def backward_matches(width: int, contract: bool) -> bool:
+        logp = torch.log_softmax(torch.randn(64, widths[-1], generator=gen) * 5, 1)
+        target = torch.randint(0, widths[-1], (64,), generator=gen)
+        # total weight 100 (the paper's batch), not a power of two: -1/100 * exp(logp) rounds, fused or not
+        want = torch.ops.aten._log_softmax_backward_data(
+            torch.ops.aten.nll_loss_backward(torch.ones(()), logp, target, None, 1, -100, torch.full((), 100.0)),
+            logp, 1, logp.dtype)
+        got = torch.empty_like(logp)
+        lib.ewc_cross_entropy_backward(logp.data_ptr(), target.data_ptr(), got.data_ptr(), 64, widths[-1],
+                                       -(1.0 / 100.0), width, int(contract), scratch.data_ptr())
+        return torch.equal(got, want)
+
+    def sums_match(width: int) -> bool:
+        for rows, cols in [(100, w) for w in widths[1:]] + [(37, 300), (1000, 77), (3, 5)]:
+            x = torch.randn(2, rows, cols, generator=gen)
+            got = torch.empty(cols)
+            lib.ewc_column_sums(x[1].data_ptr(), rows, cols, got.data_ptr(), width)
+            if not torch.equal(got, torch.sum(x, 1)[1]):
+                return False
+        return True
+
+    softmax = next((w for w in available_widths if log_softmax_matches(w)), None)
+    contract = next((c for c in (True, False) if softmax is not None and backward_matches(softmax, c)), None)
+    summing = next((w for w in (8, 16) if sums_match(w)), None)
+    if softmax is None or contract is None or summing is None:
+        log.warning("native MLP step does not match this torch build's kernels: using PyTorch ops")
+        return None
+    kernels = MlpKernels(softmax, contract, summing)
+    from ewcstab.batched.stack import Layout, cross_entropy_step  # the reference the whole step must equal
+
+    for runs, batch in ((2, 100), (3, 7)):
+        shapes = [s for a, b in zip(widths[:-1], widths[1:]) for s in ((b, a), (b,))]
+        layout = Layout(tuple(f"p{i}" for i in range(len(shapes))), tuple(shapes), runs)
+        theta = torch.randn(layout.numel, generator=gen) * 0.1
+        want, got = layout.zeros(theta.device), layout.zeros(theta.device)
+        x = torch.rand(runs * batch, widths[0], generator=gen)
+        y = torch.randint(0, widths[-1], (runs, batch), generator=gen)
+        cross_entropy_step(layout.views(theta), layout.views(want), x.view(runs, batch, -1), y)
+        step = NativeMlpStep(widths, runs, kernels)
+        step(theta, got, x, y)
+        if not torch.equal(got, want):
+            log.warning("native MLP step's gradients differ from the PyTorch ops': using PyTorch ops")
+            return None
+    return kernels
+
+
+class NativeMlpStep:
+    """``stack.cross_entropy_step`` for R stacked MLPs of ``widths`` in one native call (``ewc_mlp_grad``)."""
+
+    def __init__(self, widths: tuple[int, ...], runs: int, kernels: MlpKernels) -> None:
+        self._lib = library()
+        self.runs = runs
+        self._widths = (ctypes.c_int64 * len(widths))(*widths)
+        self._layers = len(widths) - 1
+        self._kernels = kernels
+        self._work: dict[int, Tensor] = {}  # batch size -> workspace
+        self._loss = torch.empty(runs)
+
+    def __call__(self, theta: Tensor, grad: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Write the task gradient of every run into ``grad`` (flat, ``stack.Layout``) from x (R * B, in) and the
+        labels y (R, B); returns the (R,) mean cross-entropies (a buffer the next call overwrites)."""
+        runs, batch = y.shape
+        if runs != self.runs or not (y.dtype == torch.int64 and y.is_contiguous()):
+            raise ValueError("native MLP step: y must be a contiguous int64 (runs, batch) tensor")
+        work = self._work.get(batch)
+        if work is None:
+            work = self._work[batch] = torch.empty(self._lib.ewc_mlp_workspace(self._layers, self._widths, runs, batch))
+        k = self._kernels
+        theta_p, grad_p, x_p = _checked(theta, grad, x)
+        done = self._lib.ewc_mlp_grad(self._layers, self._widths, runs, batch, x_p, y.data_ptr(), theta_p, grad_p,
+                                      work.data_ptr(), self._loss.data_ptr(), LEAKY_SLOPE, k.softmax_width,
+                                      int(k.contract), k.sum_width)
+        if done != 0:
+            raise RuntimeError("native MLP step: the library lacks torch's kernels for this vector width")
+        return self._loss
 
 
 def available(device: torch.device) -> bool:

@@ -57,6 +57,11 @@ class Layout:
         return [math.prod(s) for s in self.shapes]
 
     @property
+    def widths(self) -> tuple[int, ...]:
+        """The MLP's layer widths (input, hidden..., classes), from the weights' (out, in) shapes."""
+        return (self.shapes[0][1], *(shape[0] for shape in self.shapes[0::2]))
+
+    @property
     def per_run(self) -> int:
         return sum(self.sizes)
 
