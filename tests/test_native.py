@@ -166,7 +166,7 @@ def test_the_mlp_step_checks_tell_torchs_kernels_apart():
     lib = native.library()
     kernels = native.mlp_kernels(PAPER_MLP)
     gen = torch.Generator().manual_seed(0)
-    scratch = torch.empty(400)
+    scratch = torch.empty(16 * 300)
     x = torch.randn(64, 10, generator=gen) * 5
     outs = {}
     for width in (8, 16):
@@ -186,7 +186,7 @@ def test_the_mlp_step_checks_tell_torchs_kernels_apart():
     sums = {}
     for width in (8, 16):
         sums[width] = torch.empty(300)
-        lib.ewc_column_sums(rows.data_ptr(), 100, 300, sums[width].data_ptr(), width)
+        lib.ewc_column_sums(rows.data_ptr(), 100, 300, sums[width].data_ptr(), width, scratch.data_ptr())
     assert torch.equal(sums[kernels.sum_width], rows.sum(0))
     assert not torch.equal(sums[8], sums[16])
     assert native.mlp_kernels((20, 7, 5)) is None

@@ -357,45 +357,59 @@ static int64_t ceil_log2(int64_t x) {
     return bits;
 }
 
-/* ATen's multi_row_sum for one column: n values p[0], p[stride], ... summed in levels of 2^level_power. */
-static float level_sum(const float *p, int64_t stride, int64_t n) {
+/* ATen's multi_row_sum for `cols` neighbouring columns at once: the n rows p, p + stride, ... summed in levels of
+ * 2^power rows (acc: 4 * cols floats of scratch); leaves the column sums in acc[0 .. cols). Row by row over contiguous
+ * columns, so it vectorises; each column's additions are exactly those of ATen's loop. */
+static void level_sums(const float *p, int64_t stride, int64_t n, int64_t cols, float *acc) {
     const int64_t levels = 4;
     int64_t power = ceil_log2(n) / levels;
     if (power < 4) power = 4;
     const int64_t step = (int64_t)1 << power, mask = step - 1;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t c = 0; c < levels * cols; c++) acc[c] = 0.0f;
+    float *a0 = acc;
     int64_t i = 0;
     while (i + step <= n) {
-        for (int64_t j = 0; j < step; j++, i++) acc[0] += p[i * stride];
+        for (int64_t j = 0; j < step; j++, i++) {
+            const float *row = p + i * stride;
+            for (int64_t c = 0; c < cols; c++) a0[c] += row[c];
+        }
         for (int64_t j = 1; j < levels; j++) {
-            acc[j] += acc[j - 1];
-            acc[j - 1] = 0.0f;
+            float *lo = acc + (j - 1) * cols, *hi = acc + j * cols;
+            for (int64_t c = 0; c < cols; c++) {
+                hi[c] += lo[c];
+                lo[c] = 0.0f;
+            }
             if ((i & (mask << (j * power))) != 0) break;
         }
     }
-    for (; i < n; i++) acc[0] += p[i * stride];
-    for (int64_t j = 1; j < levels; j++) acc[0] += acc[j];
-    return acc[0];
+    for (; i < n; i++) {
+        const float *row = p + i * stride;
+        for (int64_t c = 0; c < cols; c++) a0[c] += row[c];
+    }
+    for (int64_t j = 1; j < levels; j++)
+        for (int64_t c = 0; c < cols; c++) a0[c] += acc[j * cols + c];
 }
 
-/* ATen's row_sum: four interleaved partial sums (rows 4i + k), the rest into the first, then joined. */
-static float ilp_sum(const float *p, int64_t stride, int64_t n) {
-    int64_t quarter = n / 4;
-    float part[4];
-    for (int64_t k = 0; k < 4; k++) part[k] = level_sum(p + k * stride, 4 * stride, quarter);
-    for (int64_t i = quarter * 4; i < n; i++) part[0] += p[i * stride];
-    for (int64_t k = 1; k < 4; k++) part[0] += part[k];
-    return part[0];
-}
-
-/* out[c] = sum over rows of in[row, c] as torch.sum(in, 0) does it, onto zeros: vectorized_outer_sum for at least
- * a vector's width of columns (blocks of 4 vectors level-summed, the rest row_sum), else scalar_outer_sum (blocks
- * of 4 columns level-summed, the rest row_sum). */
-static void column_sums(const float *in, int64_t rows, int64_t cols, float *out, int64_t width) {
-    int64_t j = 0, block = cols >= width ? 4 * width : 4;
-    for (; j + block <= cols; j += block)
-        for (int64_t c = j; c < j + block; c++) out[c] = 0.0f + level_sum(in + c, cols, rows);
-    for (; j < cols; j++) out[j] = 0.0f + ilp_sum(in + j, cols, rows);
+/* out[c] = sum over rows of in[row, c] (row stride `stride`) as torch.sum(in, 0) does it, onto zeros:
+ * vectorized_outer_sum for at least a vector's width of columns (blocks of 4 vectors by multi_row_sum, the rest by
+ * row_sum), else scalar_outer_sum (blocks of 4 columns by multi_row_sum, the rest by row_sum). row_sum: four
+ * partial sums over rows 4i + k, the leftover rows into the first, then joined. scratch: 16 * cols floats. */
+static void column_sums(const float *in, int64_t rows, int64_t cols, float *out, int64_t width, float *scratch) {
+    int64_t block = cols >= width ? 4 * width : 4;
+    int64_t blocked = cols - cols % block;
+    if (blocked) {
+        level_sums(in, cols, rows, blocked, scratch);
+        for (int64_t c = 0; c < blocked; c++) out[c] = 0.0f + scratch[c];
+    }
+    int64_t rest = cols - blocked, quarter = rows / 4;
+    if (!rest) return;
+    for (int64_t k = 0; k < 4; k++) level_sums(in + k * cols + blocked, 4 * cols, quarter, rest, scratch + 4 * k * rest);
+    float *part0 = scratch;
+    for (int64_t i = quarter * 4; i < rows; i++)
+        for (int64_t c = 0; c < rest; c++) part0[c] += in[i * cols + blocked + c];
+    for (int64_t k = 1; k < 4; k++)
+        for (int64_t c = 0; c < rest; c++) part0[c] += scratch[4 * k * rest + c];
+    for (int64_t c = 0; c < rest; c++) out[blocked + c] = 0.0f + part0[c];
 }
 
 /* Test entry points for the pieces (native.mlp_config checks each against the PyTorch op). */
@@ -406,17 +420,17 @@ void ewc_cross_entropy_backward(const float *logp, const int64_t *targets, float
                                 float at_target, int64_t width, int64_t contract, float *scratch) {
     cross_entropy_backward(logp, targets, delta, rows, D, at_target, width, (int)contract, scratch);
 }
-void ewc_column_sums(const float *in, int64_t rows, int64_t cols, float *out, int64_t width) {
-    column_sums(in, rows, cols, out, width);
+void ewc_column_sums(const float *in, int64_t rows, int64_t cols, float *out, int64_t width, float *scratch) {
+    column_sums(in, rows, cols, out, width, scratch);
 }
 
 /* Floats of workspace ewc_mlp_grad needs: the activations of the hidden layers, the logits, two delta buffers
- * and a row of scratch. */
+ * and scratch (a row; the column sums' partial sums). */
 int64_t ewc_mlp_workspace(int64_t layers, const int64_t *widths, int64_t runs, int64_t batch) {
     int64_t rows = runs * batch, widest = 0, total = 0;
     for (int64_t l = 1; l < layers; l++) total += rows * widths[l];
     for (int64_t l = 0; l <= layers; l++) widest = widths[l] > widest ? widths[l] : widest;
-    return total + rows * widths[layers] + 2 * rows * widest + widest + 16;
+    return total + rows * widths[layers] + 2 * rows * widest + 16 * widest + 16;
 }
 
 /* One step's task gradient of R stacked MLPs (layers Linear layers of widths[0] -> ... -> widths[layers], leaky
@@ -487,7 +501,7 @@ int ewc_mlp_grad(int64_t layers, const int64_t *widths, int64_t runs, int64_t ba
             const float *dr = delta + r * batch * out;
             k_sgemm("N", "T", &in, &out, &b, &one, acts[l] + r * batch * in, &in, dr, &out, &zero,
                     grad + w_off[l] + r * (int64_t)out * in, &in);
-            column_sums(dr, batch, out, grad + b_off[l] + r * out, sum_width);
+            column_sums(dr, batch, out, grad + b_off[l] + r * out, sum_width, scratch);
             if (l > 0)
                 k_sgemm("N", "N", &in, &b, &out, &one, theta + w_off[l] + r * (int64_t)out * in, &in, dr, &out,
                         &zero, back + r * batch * in, &in);

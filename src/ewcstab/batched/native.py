@@ -105,7 +105,7 @@ def library() -> ctypes.CDLL | None:
     lib.ewc_cross_entropy_backward.restype = None
     lib.ewc_cross_entropy_backward.argtypes = [_p, _p, _p, _i, _i, ctypes.c_float, _i, _i, _p]
     lib.ewc_column_sums.restype = None
-    lib.ewc_column_sums.argtypes = [_p, _i, _i, _p, _i]
+    lib.ewc_column_sums.argtypes = [_p, _i, _i, _p, _i, _p]
     lib.ewc_mlp_workspace.restype = _i
     lib.ewc_mlp_workspace.argtypes = [_i, _p, _i, _i]
     lib.ewc_mlp_grad.restype = ctypes.c_int
@@ -214,7 +214,7 @@ def mlp_kernels(widths: tuple[int, ...]) -> MlpKernels | None:
 def _checked_mlp_kernels(lib: ctypes.CDLL, widths: tuple[int, ...]) -> MlpKernels | None:
     available_widths = _kernel_widths(lib)
     gen = torch.Generator().manual_seed(0)
-    scratch = torch.empty(max(widths) + 64)
+    scratch = torch.empty(max(widths) + 64)  # a row of log_softmax
 
     def log_softmax_matches(width: int) -> bool:
         for classes in (widths[-1], 3, 10, 17):
@@ -240,8 +240,8 @@ def _checked_mlp_kernels(lib: ctypes.CDLL, widths: tuple[int, ...]) -> MlpKernel
     def sums_match(width: int) -> bool:
         for rows, cols in [(100, w) for w in widths[1:]] + [(37, 300), (1000, 77), (3, 5)]:
             x = torch.randn(2, rows, cols, generator=gen)
-            got = torch.empty(cols)
-            lib.ewc_column_sums(x[1].data_ptr(), rows, cols, got.data_ptr(), width)
+            got, partials = torch.empty(cols), torch.empty(16 * cols)
+            lib.ewc_column_sums(x[1].data_ptr(), rows, cols, got.data_ptr(), width, partials.data_ptr())
             if not torch.equal(got, torch.sum(x, 1)[1]):
                 return False
         return True
