@@ -104,7 +104,9 @@ void ewc_si_accumulate(int64_t n, float *accum, const float *theta, const float 
 #define GATHER_AHEAD 4 /* rows prefetched ahead of the one converted: the rows are random, the prefetcher blind */
 
 /* out[i, :] = bytes[rows[i], :] / 255 as float: a batch of byte images gathered and converted in one pass
- * (4x less memory to read than gathering their float copies; the same values as torch's x.float() / 255). */
+ * (4x less memory to read than gathering their float copies). The division is a multiplication by 1/255 and one
+ * fma correction (Markstein's), which gives the correctly rounded quotient, i.e. torch's x.float() / 255, for
+ * every byte (native.bytes_convert_exactly checks all 256) at a fraction of the divider's cost. */
 void ewc_gather_bytes(float *restrict out, const uint8_t *restrict bytes, const int64_t *restrict rows, int64_t n,
                       int64_t width) {
     for (int64_t i = 0; i < n && i < GATHER_AHEAD; i++)
@@ -114,7 +116,10 @@ void ewc_gather_bytes(float *restrict out, const uint8_t *restrict bytes, const 
             for (int64_t k = 0; k < width; k += 64) __builtin_prefetch(bytes + rows[i + GATHER_AHEAD] * width + k);
         const uint8_t *src = bytes + rows[i] * width;
         float *dst = out + i * width;
-        for (int64_t k = 0; k < width; k++) dst[k] = (float)src[k] / 255.0f;
+        for (int64_t k = 0; k < width; k++) {
+            float v = (float)src[k], q = v * (1.0f / 255.0f);
+            dst[k] = fmaf(fmaf(-q, 255.0f, v), 1.0f / 255.0f, q);
+        }
     }
 }
 
