@@ -16,6 +16,9 @@ follows the single-run protocol of ``ewcstab.train.run_sequence`` (PROTOCOL.md) 
   (``native.py``) where a C compiler is at hand, else as PyTorch ops: the same gradient either way;
   without clipping, one native pass does the penalty gradient, the norms, Adam and SI together
   (``StackedAdam.native_step``), bitwise the update of torch's kernel (checked: ``native.adam_width``);
+- on one thread, the forward and backward (``stack.cross_entropy_step``) in one native call too
+  (``native.NativeMlpStep``: torch's own sgemm and Sleef kernels, ATen's reduction orders), bitwise the
+  PyTorch ops' gradients (checked: ``native.mlp_kernels``);
 - after each task: evaluation of every run on tasks 1..t, then importances of every run on the last
   ``importance_samples`` training samples (``importance.py``), accumulated, and the anchor set;
 - telemetry and divergence as in ``ewcstab.telemetry``: per-step rows on the device, one host check

@@ -12,6 +12,14 @@ operations in the same order (compiled with -ffp-contract=off, so no multiply-ad
 telemetry norms sum in float lanes joined in double per block of 1,024, so they equal torch's
 ``_foreach_norm`` to rounding; they only feed telemetry (the clipped variant clips on torch's own norm).
 
+``ewc_mlp_grad`` goes further, on one thread: the whole forward and backward of the stacked MLPs in one call
+(``NativeMlpStep``), with the very kernels the PyTorch ops end in, taken from libtorch_cpu (its BLAS ``sgemm``,
+called with the arguments torch's addmm/bmm pass it, and Sleef's ``expf``/``logf``), and the reduction orders of
+ATen's log_softmax and sum kernels replayed. ``mlp_kernels`` finds which vector widths this build's kernels use
+and checks each piece and the whole step bitwise against ``stack.cross_entropy_step`` before the engine uses it.
+Per step that replaces ~30 PyTorch calls (~0.2-0.3 ms of dispatch and small kernels, as much as a run's whole
+optimizer pass) with one.
+
 The library is compiled with the C compiler (``$CC``, else ``cc``) into ``$EWCSTAB_NATIVE_CACHE`` (default
 ``~/.cache/ewcstab``), named by a hash of the source, flags, compiler and CPU, and moved into place
 atomically (jobs on a cluster may build it at once). No compiler, a failed build, a non-CPU device, or
