@@ -319,3 +319,23 @@ def test_the_benchmark_times_another_checkouts_single_run_path(data_root):
     assert name
     assert len(timed["train"]) == 2 and len(timed["importance"]) == 1
     assert timed["wall"] >= sum(timed["train"]) > 0
+
+
+def test_the_benchmark_floor_is_the_sittings_best_matmul_speed(data_root, tmp_path):
+    """The matmul speed is measured again after every engine; the floor (and every ratio in the JSON) uses the
+    best, i.e. the strictest floor of the sitting."""
+    import json
+
+    from ewcstab.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["benchmark-batched", "--method", "mas", "--train-subset", "200", "--test-subset", "100",
+                 "--importance-samples", "100", "--runs", "1", "2", "--no-single", "--matmul-size", "128",
+                 "--threads", "1", "--data-root", str(data_root), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    samples = result["matmul_flops"]["sitting_samples"]
+    assert len(samples) == 1 + len(result["rows"]) == 3
+    assert result["floor_seconds"] == pytest.approx(result["protocol_flops"]["total"] / max(samples))
+    assert result["floor_seconds"] <= result["floor_seconds_first_matmul"]
+    for row in result["rows"]:
+        assert row["floor_ratio"] == pytest.approx(row["full_run_seconds"] / result["floor_seconds"])
