@@ -16,9 +16,11 @@ backward for fisher/mas, forward for signal), divided by the measured float32 th
 ``torch.mm`` with the same thread count. Reported: seconds per run, runs per hour, and seconds per run /
 floor (the issue's target: at most 1.5 for the batched engine). Timings depend on the machine and on
 what else runs on it: the load average before and after each measurement is reported with it. The matmul
-speed of a shared machine drifts by 10-20% within minutes, so it is measured again after every engine's
-measurement and the floor is the best speed seen in the whole sitting (the lowest floor: the strictest
-ratio); the printed ratios use the first measurement, the JSON's (and the figure's) the sitting's best.
+speed of this shared machine drifts by 10-20% within minutes (and spikes for seconds), so it is measured
+again after every engine's measurement: each row's ``floor_ratio`` divides by the floor at the better of the
+matmul speeds measured just before and just after it (the machine in the state the row was measured in),
+``floor_ratio_sitting_best`` by the floor at the best speed seen in the whole sitting (the strictest view).
+The printed ratios use the first measurement; the JSON and the figure these.
 
 ``--baseline-src DIR`` also times the single-run path of another checkout of this project (its ``src``
 folder, e.g. ``git worktree add /tmp/before a786f49`` then ``--baseline-src /tmp/before/src``) in a
@@ -229,12 +231,16 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
     from ewcstab.batched import native
 
     floor_first, floor = floor, flops["total"] / max(matmul_samples)
-    for row in rows:
-        row["floor_ratio"] = row["full_run_seconds"] / floor
-        row["bound_ratio"] = (floor + row["memory_floor_seconds"]) / floor
+    for i, row in enumerate(rows):  # matmul_samples[i] was measured just before row i, [i + 1] just after it
+        local = flops["total"] / max(matmul_samples[i : i + 2])
+        row |= {"floor_seconds": local, "floor_ratio": row["full_run_seconds"] / local,
+                "floor_ratio_sitting_best": row["full_run_seconds"] / floor,
+                "bound_ratio": (local + row["memory_floor_seconds"]) / local}
     print(f"matmul re-measured after each engine: {', '.join(f'{m / 1e9:.1f}' for m in matmul_samples)} GFLOP/s; "
-          f"best {max(matmul_samples) / 1e9:.1f} -> floor {floor:.1f} s/run: "
-          + ", ".join(f"{r['engine']} R={r['runs']} {r['floor_ratio']:.2f}x" for r in rows), flush=True)
+          "x floor at the speed around each row (at the sitting's best, "
+          f"{max(matmul_samples) / 1e9:.1f} GFLOP/s, floor {floor:.1f} s): "
+          + ", ".join(f"{r['engine']} R={r['runs']} {r['floor_ratio']:.2f}x ({r['floor_ratio_sitting_best']:.2f}x)"
+                      for r in rows), flush=True)
     return {"threads": threads, "device": str(device), "matmul_flops": mm | {"sitting_samples": matmul_samples},
             "protocol_flops": flops,
             "elementwise": "native" if native.available(device) else "torch",
