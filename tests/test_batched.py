@@ -11,7 +11,8 @@ import torch
 
 import ewcstab.train as train_mod
 from ewcstab.batched import check_batchable, execute_batched, train_batched, train_batched_with_params
-from ewcstab.batched import engine, memory
+from ewcstab import memory
+from ewcstab.batched import engine
 from ewcstab.batched.engine import epoch_batches
 from ewcstab.config import ConfigError, RunConfig
 from ewcstab.train import execute, record, run_sequence
@@ -386,3 +387,14 @@ def test_image_copies_keep_their_values_on_aligned_memory():
         assert copy.data_ptr() % memory.HUGE_PAGE == 0
     small = torch.arange(10, dtype=torch.uint8)
     assert torch.equal(memory.copy_of(small), small)
+
+
+def test_built_tasks_keep_their_byte_images_on_huge_pages(data_root):
+    """build_tasks places the byte images once (the engine gathers from them directly, no copy per task)."""
+    from ewcstab.data import build_tasks
+
+    tasks = build_tasks("permuted_mnist", 2, 0, data_root, CPU, train_subset=3000, test_subset=100, download=False)
+    for task in tasks:
+        assert torch.equal(task.train_bytes.float().div_(255.0), task.train_x)
+        if sys.platform == "linux":  # 2.4 MB each
+            assert task.train_bytes.data_ptr() % memory.HUGE_PAGE == 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ewcstab import memory
 from ewcstab.interfaces import Task
 
 DATA_ENV = "EWCSTAB_DATA"
@@ -172,7 +173,7 @@ def build_tasks(
         train_bytes = None
         if device.type == "cpu":  # only the CPU engine's native gather reads them
             pixels = _load_split_uint8(dataset, str(root), True, download)[0][:train_subset]
-            train_bytes = transform(pixels.unsqueeze(1))
+            train_bytes = memory.copy_of(transform(pixels.unsqueeze(1)))  # huge pages: the engine's random rows
         tasks.append(Task(name, *parts, train_bytes=train_bytes))
     return tasks
 

@@ -56,7 +56,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ewcstab.batched.importance import build_stacked_importance
-from ewcstab.batched import memory, native
+from ewcstab.batched import native
 from ewcstab.batched.monitor import StackedMonitor
 from ewcstab.batched.optim import make_stacked_optimizer
 from ewcstab.batched.penalty import StackedPenalty
@@ -319,9 +319,10 @@ class _Batch:
         n = task.train_x.shape[0]
         x_all = task.train_x.reshape(n, -1)  # (N, 784)
         # byte images: gather bytes and convert (native.py), the very floats of x_all at a quarter of the reads
+        # (data.build_tasks puts them on huge pages, ewcstab.memory: random rows, few TLB misses)
         images = None
         if self.native is not None and task.train_bytes is not None and native.bytes_convert_exactly():
-            images = memory.copy_of(task.train_bytes.reshape(n, -1))  # on huge pages: random rows, few TLB misses
+            images = task.train_bytes.reshape(n, -1)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total_steps = cfg.epochs * steps_per_epoch
         monitor = StackedMonitor(t, runs, total_steps, self.device, penalty.clip_norm, self.blowup)

@@ -1,5 +1,8 @@
 """A task's training images on transparent huge pages, for the stacked engine's random-row gather.
 
+``data.build_tasks`` places every CPU task's byte images here once, when the tasks are built (a copy of 47 MB
+costs ~75 ms, mostly page faults: paid per training call it was ~2% of a batch's task at 600 steps).
+
 Each training step gathers 100 random 784-byte rows per run from a task's 47 MB of byte images
 (``native.NativeGradient.gather_bytes``). With 4 KB pages nearly every row costs a TLB miss on top of its
 cache misses; with 2 MB pages the whole array fits the TLB. Measured on the development Xeon (one thread, 4 runs,
