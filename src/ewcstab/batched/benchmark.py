@@ -20,7 +20,9 @@ speed of this shared machine drifts by 10-20% within minutes (and spikes for sec
 again after every engine's measurement: each row's ``floor_ratio`` divides by the floor at the better of the
 matmul speeds measured just before and just after it (the machine in the state the row was measured in),
 ``floor_ratio_sitting_best`` by the floor at the best speed seen in the whole sitting (the strictest view).
-The printed ratios use the first measurement; the JSON and the figure these.
+The printed ratios use the first measurement; the JSON and the figure these. Each engine is timed
+``--repeat`` times (default 3) and the fastest time is reported, as the floor takes the fastest of its
+matmul repetitions: both sides at the machine's least disturbed; every repeat's wall time is in the JSON.
 
 ``--baseline-src DIR`` also times the single-run path of another checkout of this project (its ``src``
 folder, e.g. ``git worktree add /tmp/before a786f49`` then ``--baseline-src /tmp/before/src``) in a
@@ -40,6 +42,7 @@ divider even with all data in L1, ~0.2 ms per run and step; any update bitwise e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -140,9 +144,13 @@ def time_baseline(src: str, cfg, root: str, threads: int) -> tuple[str, dict[str
                           env=env, cwd=Path(src).resolve().parent)
     if done.returncode:
         raise SystemExit(f"--baseline-src {src}: the baseline run failed:\n{done.stderr[-2000:]}")
+    return baseline_name(src), json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def baseline_name(src: str) -> str:
+    """The short commit of the checkout whose package is under ``src``, or the folder's name."""
     git = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    name = git.stdout.strip() if git.returncode == 0 else Path(src).resolve().parent.name
-    return name, json.loads(done.stdout.strip().splitlines()[-1])
+    return git.stdout.strip() if git.returncode == 0 else Path(src).resolve().parent.name
 
 
 def _load() -> float:
@@ -165,7 +173,7 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
     steps_per_task = cfg.epochs * math.ceil(tasks[0].train_x.shape[0] / cfg.batch_size)
     flops = protocol_flops(cfg.method, batch=cfg.batch_size)
     mm = matmul_throughput(args.matmul_size)
-    matmul_samples = [mm["best"]]  # measured again after each engine: the floor is the sitting's best
+    matmul_samples = [mm["best"]]  # measured again after every timed run (see the module doc)
     floor = flops["total"] / mm["best"]
     floor_median = flops["total"] / mm["median"]
     memory_floors = {}
@@ -184,55 +192,66 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
           f"{cfg.method}/{cfg.variant}; extrapolated to {FULL_TASKS} x {FULL_EPOCHS} x 600", flush=True)
 
     rows: list[dict[str, object]] = []
+    around: list[list[float]] = []  # per row: the matmul speeds measured just before and after its repeats
 
-    def report(engine: str, runs: int, train: list[float], imp: list[float], wall: float, load: tuple[float, float]):
-        matmul_samples.append(matmul_throughput(args.matmul_size, reps=5)["best"])
+    def measure(engine: str, runs: int, once: Callable[[], tuple[list[float], list[float], float]]) -> None:
+        """Time ``once`` (-> per-task train and importance seconds, wall seconds per run) ``--repeat`` times,
+        the matmul speed after each time; report the fastest (on a shared machine the least disturbed)."""
+        samples, timings = [matmul_samples[-1]], []
+        for _ in range(args.repeat):
+            load = _load()
+            synchronize(device)
+            train, imp, wall = once()
+            synchronize(device)
+            timings.append((train, imp, wall, (load, _load())))
+            samples.append(matmul_throughput(args.matmul_size, reps=5)["best"])
+            matmul_samples.append(samples[-1])
+        around.append(samples)
+        train, imp, wall, load = min(timings, key=lambda t: t[2])
         ext = extrapolate(train, imp, wall, steps_per_task)
         memory = memory_floors[runs]["seconds"]
         row = {"engine": engine, "runs": runs, "measured_wall_seconds": wall * runs, **ext,
                "runs_per_hour": 3600.0 / ext["full_run_seconds"], "floor_ratio": ext["full_run_seconds"] / floor,
                "memory_floor_seconds": memory, "bound_ratio": (floor + memory) / floor,
-               "load_before": load[0], "load_after": load[1]}
+               "repeats_wall_seconds": [t[2] * runs for t in timings], "load_before": load[0], "load_after": load[1]}
         rows.append(row)
         print(f"{engine:>8} R={runs:<3} {ext['full_run_seconds']:8.1f} s/run  {row['runs_per_hour']:7.1f} runs/h  "
               f"{row['floor_ratio']:5.2f}x floor (bound {row['bound_ratio']:.2f}x)  (step {ext['step_seconds_later'] * 1e3:.2f} ms/run, measured "
-              f"{wall * runs:.1f} s, load {load[0]:.1f} -> {load[1]:.1f})", flush=True)
+              f"{', '.join(f'{w:.1f}' for w in row['repeats_wall_seconds'])} s, load {load[0]:.1f} -> {load[1]:.1f})",
+              flush=True)
+
+    def single_run(path=contextlib.nullcontext) -> tuple[list[float], list[float], float]:
+        start = time.perf_counter()
+        with path():
+            out = run_sequence(cfg, tasks, device)
+        return out.train_seconds, out.importance_seconds, time.perf_counter() - start
 
     if args.textbook:
         from ewcstab.textbook import textbook_path
 
-        load = _load()
-        synchronize(device)
-        start = time.perf_counter()
-        with textbook_path():
-            out = run_sequence(cfg, tasks, device)
-        synchronize(device)
-        report("textbook", 1, out.train_seconds, out.importance_seconds, time.perf_counter() - start, (load, _load()))
+        measure("textbook", 1, lambda: single_run(textbook_path))
     if args.baseline_src:
-        load = _load()
-        name, timed = time_baseline(args.baseline_src, cfg, str(resolve_data_root(cfg.data_root)), threads)
-        report(f"baseline {name}", 1, timed["train"], timed["importance"], timed["wall"], (load, _load()))
+        root = str(resolve_data_root(cfg.data_root))
+        name = baseline_name(args.baseline_src)
+        measure(f"baseline {name}", 1, lambda: tuple(time_baseline(args.baseline_src, cfg, root, threads)[1][k]
+                                                     for k in ("train", "importance", "wall")))
     if not args.no_single:
-        load = _load()
-        synchronize(device)
-        start = time.perf_counter()
-        out = run_sequence(cfg, tasks, device)
-        synchronize(device)
-        report("autograd", 1, out.train_seconds, out.importance_seconds, time.perf_counter() - start, (load, _load()))
-    for runs in args.runs:
+        measure("autograd", 1, single_run)
+
+    def batched(runs: int) -> tuple[list[float], list[float], float]:
         cfgs = [cfg.replace(seed=cfg.seed + i) for i in range(runs)]
-        load = _load()
-        synchronize(device)
         start = time.perf_counter()
         outs = train_batched(cfgs, tasks, device, runs_per_batch=runs)  # all R runs in one batch
         synchronize(device)
-        wall = (time.perf_counter() - start) / runs
-        report("batched", runs, outs[0].train_seconds, outs[0].importance_seconds, wall, (load, _load()))
+        return outs[0].train_seconds, outs[0].importance_seconds, (time.perf_counter() - start) / runs
+
+    for runs in args.runs:
+        measure("batched", runs, lambda: batched(runs))
     from ewcstab.batched import native
 
     floor_first, floor = floor, flops["total"] / max(matmul_samples)
-    for i, row in enumerate(rows):  # matmul_samples[i] was measured just before row i, [i + 1] just after it
-        local = flops["total"] / max(matmul_samples[i : i + 2])
+    for row, samples in zip(rows, around):
+        local = flops["total"] / max(samples)
         row |= {"floor_seconds": local, "floor_ratio": row["full_run_seconds"] / local,
                 "floor_ratio_sitting_best": row["full_run_seconds"] / floor,
                 "bound_ratio": (local + row["memory_floor_seconds"]) / local}
@@ -267,6 +286,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-src", metavar="DIR",
                    help="also time the single-run path of another checkout's src folder (e.g. an earlier commit)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n torch.mm timing the floor")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="time each engine this many times and report the fastest (a shared machine's noise)")
     p.add_argument("--json", metavar="FILE", help="also write the timings as JSON")
     p.add_argument("--figure", metavar="FILE.png", help="also draw seconds per run and runs per hour (PNG + PDF)")
 
