@@ -319,6 +319,7 @@ def test_the_benchmark_times_another_checkouts_single_run_path(data_root):
     assert name
     assert len(timed["train"]) == 2 and len(timed["importance"]) == 1
     assert timed["wall"] >= sum(timed["train"]) > 0
+    assert 0 < timed["evaluation"] < timed["wall"] - sum(timed["train"])  # its accuracy calls, timed
 
 
 def test_the_benchmark_floor_is_the_sittings_best_matmul_speed(data_root, tmp_path):
@@ -343,4 +344,5 @@ def test_the_benchmark_floor_is_the_sittings_best_matmul_speed(data_root, tmp_pa
         assert row["floor_ratio_sitting_best"] == pytest.approx(row["full_run_seconds"] / result["floor_seconds"])
         assert row["floor_ratio_sitting_best"] >= row["floor_ratio"]
         assert len(row["repeats_wall_seconds"]) == 2
+        assert row["eval_seconds_per_test_set"] > 0 and row["other_seconds_per_task"] >= 0  # evaluations timed
         assert row["measured_wall_seconds"] == pytest.approx(min(row["repeats_wall_seconds"]))

@@ -5,10 +5,15 @@ full 60,000 training samples: task 1 trains without and task 2 with the penalty,
 computed) and extrapolates each run to the full protocol (PROTOCOL.md: 10 tasks x 6 epochs x 600 steps,
 9 importances, 55 test-set evaluations):
 
-    seconds/run = s_1 * S + s_2+ * 9 S + importance * 9 + eval_per_test_set * 55,   S = 3,600 steps per task
+    seconds/run = s_1 * S + s_2+ * 9 S + importance * 9 + eval_per_test_set * 55 + per_task * 10,
+    S = 3,600 steps per task
 
 with s_1 / s_2+ the measured seconds per step of task 1 / later tasks (per run: a batch's time divided
-by its R runs) and eval_per_test_set the rest of the measured wall time per evaluated test set.
+by its R runs), eval_per_test_set the measured time of the evaluations per test set (every path's own
+evaluation call timed: ``train.accuracy``, the engine's ``_Batch._evaluate``) and per_task the rest of the
+wall time per measured task (telemetry summaries, checks, setup). Where the evaluations are not timed,
+all of the rest counts as evaluation (what this benchmark did before: it charged the per-task rest 55 times
+instead of 10).
 
 The floor: the FLOPs of one full run, i.e. per step forward 2 B sum(in*out) and backward ~2x forward,
 times 36,000 steps, plus the 55 test-set evaluations (forward) and the 9 importances (forward +
@@ -100,26 +105,61 @@ def protocol_flops(method: str, widths: tuple[int, ...] = (784, 300, 150, 10), b
             "total": train + evaluation + importance, "steps": steps}
 
 
-def extrapolate(train: list[float], importance: list[float], wall: float, steps_per_task: int) -> dict[str, float]:
-    """One run's measured seconds (per task) -> seconds of a full protocol run (module docstring)."""
+def extrapolate(train: list[float], importance: list[float], wall: float, steps_per_task: int,
+                evaluation: float | None = None) -> dict[str, float]:
+    """One run's measured seconds (per task; ``evaluation``: all its evaluations, None if not timed) -> seconds
+    of a full protocol run (module docstring)."""
     first = train[0] / steps_per_task
     later = sum(train[1:]) / (len(train) - 1) / steps_per_task if len(train) > 1 else first
     imp = sum(importance) / len(importance) if importance else 0.0
     test_sets = sum(range(1, len(train) + 1))
-    per_eval = max(wall - sum(train) - sum(importance), 0.0) / test_sets
+    rest = max(wall - sum(train) - sum(importance), 0.0)
+    if evaluation is None:
+        per_eval, per_task = rest / test_sets, 0.0
+    else:
+        per_eval, per_task = evaluation / test_sets, max(rest - evaluation, 0.0) / len(train)
     full_steps = FULL_EPOCHS * math.ceil(FULL_TRAIN / 100)
-    seconds = first * full_steps + later * full_steps * (FULL_TASKS - 1) + imp * (FULL_TASKS - 1) + per_eval * 55
+    seconds = (first * full_steps + later * full_steps * (FULL_TASKS - 1) + imp * (FULL_TASKS - 1)
+               + per_eval * sum(range(1, FULL_TASKS + 1)) + per_task * FULL_TASKS)
     return {"step_seconds_task1": first, "step_seconds_later": later, "importance_seconds": imp,
-            "eval_seconds_per_test_set": per_eval, "full_run_seconds": seconds}
+            "eval_seconds_per_test_set": per_eval, "other_seconds_per_task": per_task, "full_run_seconds": seconds}
+
+
+@contextlib.contextmanager
+def timed_calls(owner: object, name: str):
+    """Replace ``owner.name`` by a wrapper that sums the seconds spent in it; yields a one-element list."""
+    real, total = getattr(owner, name), [0.0]
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+    try:
+        yield total
+    finally:
+        setattr(owner, name, real)
 
 
 #: Run in a subprocess with another checkout's ``src`` on the path: its own config, data and run_sequence
-#: (the API every commit of this project has), one thread count; prints the run's timings as JSON.
+#: (the API every commit of this project has, evaluating through ``ewcstab.train.accuracy``, which is timed), one
+#: thread count; prints the run's timings as JSON.
 BASELINE_SCRIPT = """
 import json, sys, time, torch
+import ewcstab.train as train
 from ewcstab.config import RunConfig
 from ewcstab.data import build_tasks
 from ewcstab.train import run_sequence
+accuracy, spent = train.accuracy, [0.0]
+def timed_accuracy(*args, **kwargs):
+    start = time.perf_counter()
+    out = accuracy(*args, **kwargs)
+    spent[0] += time.perf_counter() - start
+    return out
+train.accuracy = timed_accuracy
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
 cfg = RunConfig(**spec["config"])
@@ -130,7 +170,7 @@ tasks = build_tasks(r.sequence, r.n_tasks, cfg.perm_seed, spec["root"], device, 
 start = time.perf_counter()
 out = run_sequence(cfg, tasks, device)
 print(json.dumps({"train": out.train_seconds, "importance": out.importance_seconds,
-                  "wall": time.perf_counter() - start}))
+                  "wall": time.perf_counter() - start, "evaluation": spent[0]}))
 """
 
 
@@ -194,21 +234,21 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
     rows: list[dict[str, object]] = []
     around: list[list[float]] = []  # per row: the matmul speeds measured just before and after its repeats
 
-    def measure(engine: str, runs: int, once: Callable[[], tuple[list[float], list[float], float]]) -> None:
-        """Time ``once`` (-> per-task train and importance seconds, wall seconds per run) ``--repeat`` times,
-        the matmul speed after each time; report the fastest (on a shared machine the least disturbed)."""
+    def measure(engine: str, runs: int, once: Callable[[], tuple[list[float], list[float], float, float]]) -> None:
+        """Time ``once`` (-> per-task train and importance seconds, wall and evaluation seconds per run)
+        ``--repeat`` times, the matmul speed after each time; report the fastest (the least disturbed)."""
         samples, timings = [matmul_samples[-1]], []
         for _ in range(args.repeat):
             load = _load()
             synchronize(device)
-            train, imp, wall = once()
+            train, imp, wall, evaluation = once()
             synchronize(device)
-            timings.append((train, imp, wall, (load, _load())))
+            timings.append((train, imp, wall, evaluation, (load, _load())))
             samples.append(matmul_throughput(args.matmul_size, reps=5)["best"])
             matmul_samples.append(samples[-1])
         around.append(samples)
-        train, imp, wall, load = min(timings, key=lambda t: t[2])
-        ext = extrapolate(train, imp, wall, steps_per_task)
+        train, imp, wall, evaluation, load = min(timings, key=lambda t: t[2])
+        ext = extrapolate(train, imp, wall, steps_per_task, evaluation)
         memory = memory_floors[runs]["seconds"]
         row = {"engine": engine, "runs": runs, "measured_wall_seconds": wall * runs, **ext,
                "runs_per_hour": 3600.0 / ext["full_run_seconds"], "floor_ratio": ext["full_run_seconds"] / floor,
@@ -220,11 +260,13 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
               f"{', '.join(f'{w:.1f}' for w in row['repeats_wall_seconds'])} s, load {load[0]:.1f} -> {load[1]:.1f})",
               flush=True)
 
-    def single_run(path=contextlib.nullcontext) -> tuple[list[float], list[float], float]:
+    def single_run(path=contextlib.nullcontext) -> tuple[list[float], list[float], float, float]:
+        import ewcstab.train as train_module
+
         start = time.perf_counter()
-        with path():
+        with path(), timed_calls(train_module, "accuracy") as evaluation:
             out = run_sequence(cfg, tasks, device)
-        return out.train_seconds, out.importance_seconds, time.perf_counter() - start
+        return out.train_seconds, out.importance_seconds, time.perf_counter() - start, evaluation[0]
 
     if args.textbook:
         from ewcstab.textbook import textbook_path
@@ -234,16 +276,20 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
         root = str(resolve_data_root(cfg.data_root))
         name = baseline_name(args.baseline_src)
         measure(f"baseline {name}", 1, lambda: tuple(time_baseline(args.baseline_src, cfg, root, threads)[1][k]
-                                                     for k in ("train", "importance", "wall")))
+                                                     for k in ("train", "importance", "wall", "evaluation")))
     if not args.no_single:
         measure("autograd", 1, single_run)
 
-    def batched(runs: int) -> tuple[list[float], list[float], float]:
+    def batched(runs: int) -> tuple[list[float], list[float], float, float]:
+        from ewcstab.batched.engine import _Batch
+
         cfgs = [cfg.replace(seed=cfg.seed + i) for i in range(runs)]
         start = time.perf_counter()
-        outs = train_batched(cfgs, tasks, device, runs_per_batch=runs)  # all R runs in one batch
-        synchronize(device)
-        return outs[0].train_seconds, outs[0].importance_seconds, (time.perf_counter() - start) / runs
+        with timed_calls(_Batch, "_evaluate") as evaluation:
+            outs = train_batched(cfgs, tasks, device, runs_per_batch=runs)  # all R runs in one batch
+            synchronize(device)
+        wall = time.perf_counter() - start
+        return outs[0].train_seconds, outs[0].importance_seconds, wall / runs, evaluation[0] / runs
 
     for runs in args.runs:
         measure("batched", runs, lambda: batched(runs))
