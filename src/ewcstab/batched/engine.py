@@ -81,9 +81,9 @@ PER_RUN_FIELDS = ("seed", "lam")
 
 #: Runs stacked together on a CPU when the caller does not say (more are trained batch after batch).
 #: Measured on the 2-core Xeon this was written on (benchmark-batched, mas, one thread; README
-#: "Throughput"): per full protocol run, 1 run ~65 s, 2 runs ~58 s, 4 runs ~54 s, 6 ~55 s, 8 ~57 s, 16 ~64 s:
+#: "Throughput"): per full protocol run, 1 run ~55 s, 2 runs ~52 s, 4 runs ~53 s, 6 ~57 s, 8 ~58 s, 16 ~70 s:
 #: past 4-6 runs the stacked per-run state (about 9 MB per run: parameters, gradient, Adam moments, anchor,
-#: coefficients) streams from further away each step.
+#: coefficients) streams from further away each step; 2 and 4 are within the machine's noise of each other.
 CPU_RUNS_PER_BATCH = 4
 
 
