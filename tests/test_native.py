@@ -135,7 +135,7 @@ needs_mlp_step = pytest.mark.skipif(
 
 
 @needs_mlp_step
-@pytest.mark.parametrize("runs,batch", [(1, 100), (3, 37)])
+@pytest.mark.parametrize("runs,batch", [(1, 100), (4, 100), (3, 37), (2, 64)])
 def test_native_mlp_step_equals_the_pytorch_ops(runs, batch):
     """One native call gives the very gradients of ``stack.cross_entropy_step`` (bitwise) and its losses (to
     rounding: summed in double), for every run of a batch, also for a batch that is not the paper's 100."""

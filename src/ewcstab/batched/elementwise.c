@@ -429,13 +429,17 @@ void ewc_column_sums(const float *in, int64_t rows, int64_t cols, float *out, in
     column_sums(in, rows, cols, out, width, scratch);
 }
 
-/* Floats of workspace ewc_mlp_grad needs: the activations of the hidden layers, the logits, two delta buffers
- * and scratch (a row; the column sums' partial sums). */
+/* Buffers carved from the workspace start on 64-byte boundaries, as torch's allocations do: a BLAS may choose its
+ * code path by alignment, and each product must see its operands where the PyTorch ops' products see theirs. */
+static inline int64_t aligned(int64_t floats) { return (floats + 15) & ~(int64_t)15; }
+
+/* Floats of workspace ewc_mlp_grad needs (from a 64-byte aligned start): the activations of the hidden layers,
+ * the logits, two delta buffers and scratch (a row; the column sums' partial sums). */
 int64_t ewc_mlp_workspace(int64_t layers, const int64_t *widths, int64_t runs, int64_t batch) {
     int64_t rows = runs * batch, widest = 0, total = 0;
-    for (int64_t l = 1; l < layers; l++) total += rows * widths[l];
+    for (int64_t l = 1; l < layers; l++) total += aligned(rows * widths[l]);
     for (int64_t l = 0; l <= layers; l++) widest = widths[l] > widest ? widths[l] : widest;
-    return total + rows * widths[layers] + 2 * rows * widest + 16 * widest + 16;
+    return total + aligned(rows * widths[layers]) + 2 * aligned(rows * widest) + 16 * widest + 16;
 }
 
 /* One step's task gradient of R stacked MLPs (layers Linear layers of widths[0] -> ... -> widths[layers], leaky
@@ -468,13 +472,13 @@ int ewc_mlp_grad(int64_t layers, const int64_t *widths, int64_t runs, int64_t ba
     acts[0] = x;
     for (int64_t l = 1; l < layers; l++) {
         acts[l] = wp;
-        wp += rows * widths[l];
+        wp += aligned(rows * widths[l]);
     }
     float *logits = wp;
-    wp += rows * classes;
+    wp += aligned(rows * classes);
     int64_t widest = 0;
     for (int64_t l = 0; l <= layers; l++) widest = widths[l] > widest ? widths[l] : widest;
-    float *delta = wp, *back = wp + rows * widest, *scratch = wp + 2 * rows * widest;
+    float *delta = wp, *back = wp + aligned(rows * widest), *scratch = wp + 2 * aligned(rows * widest);
     /* forward: z = bias rows, then z += h W^T per run; leaky ReLU in place but on the logits */
     for (int64_t l = 0; l < layers; l++) {
         int in = (int)widths[l], out = (int)widths[l + 1], b = (int)batch;

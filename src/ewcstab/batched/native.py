@@ -254,6 +254,9 @@ def _checked_mlp_kernels(lib: ctypes.CDLL, widths: tuple[int, ...]) -> MlpKernel
                 return False
         return True
 
+    if not available_widths:
+        log.info("native MLP step: libtorch_cpu exports no sgemm/Sleef kernels here: using PyTorch ops")
+        return None
     softmax = next((w for w in available_widths if log_softmax_matches(w)), None)
     contract = next((c for c in (True, False) if softmax is not None and backward_matches(softmax, c)), None)
     summing = next((w for w in (8, 16) if sums_match(w)), None)
@@ -298,8 +301,10 @@ class NativeMlpStep:
         if runs != self.runs or not (y.dtype == torch.int64 and y.is_contiguous()):
             raise ValueError("native MLP step: y must be a contiguous int64 (runs, batch) tensor")
         work = self._work.get(batch)
-        if work is None:
+        if work is None:  # torch's CPU allocator aligns to 64 bytes, as the C code's carving assumes
             work = self._work[batch] = torch.empty(self._lib.ewc_mlp_workspace(self._layers, self._widths, runs, batch))
+            if work.data_ptr() % 64:
+                raise RuntimeError("native MLP step: the workspace is not 64-byte aligned")
         k = self._kernels
         theta_p, grad_p, x_p = _checked(theta, grad, x)
         done = self._lib.ewc_mlp_grad(self._layers, self._widths, runs, batch, x_p, y.data_ptr(), theta_p, grad_p,
