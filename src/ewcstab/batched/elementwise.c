@@ -408,7 +408,8 @@ static void column_sums(const float *in, int64_t rows, int64_t cols, float *out,
     }
     int64_t rest = cols - blocked, quarter = rows / 4;
     if (!rest) return;
-    for (int64_t k = 0; k < 4; k++) level_sums(in + k * cols + blocked, 4 * cols, quarter, rest, scratch + 4 * k * rest);
+    for (int64_t k = 0; k < 4; k++)
+        level_sums(in + k * cols + blocked, 4 * cols, quarter, rest, scratch + 4 * k * rest);
     float *part0 = scratch;
     for (int64_t i = quarter * 4; i < rows; i++)
         for (int64_t c = 0; c < rest; c++) part0[c] += in[i * cols + blocked + c];

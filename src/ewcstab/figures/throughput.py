@@ -4,8 +4,8 @@ Left: seconds per full paper-protocol MLP run for each engine row (textbook, aut
 path, an earlier checkout's path when timed with ``--baseline-src``, the stacked engine with one run, as
 ``ewcstab run`` trains the MLP, and batched at each R), each bar with the matmul floor at the speed measured
 around it (short line) and its ratio to it (in brackets: to the floor at the sitting's best speed, the dashed
-line), and the matmul + memory bound dotted. Right: the same as runs per hour per core. Input: the JSON the benchmark writes
-(``benchmark_batched``'s result).
+line), and the matmul + memory bound dotted. Right: the same as runs per hour per core. Input: the JSON the
+benchmark writes (``benchmark_batched``'s result).
 """
 
 from __future__ import annotations
