@@ -311,12 +311,12 @@ def test_the_benchmark_times_another_checkouts_single_run_path(data_root):
     """``benchmark-batched --baseline-src``: the other checkout's own run_sequence, in a subprocess."""
     from pathlib import Path
 
-    from ewcstab.batched.benchmark import time_baseline
+    from ewcstab.batched.benchmark import baseline_name, time_baseline
 
     src = Path(native.__file__).resolve().parents[2]  # this checkout's src folder stands in for an older one
     cfg = RunConfig(method="mas", lam=1.0, n_tasks=2, epochs=1, train_subset=200, test_subset=100)
-    name, timed = time_baseline(str(src), cfg, str(data_root), threads=1)
-    assert name
+    timed = time_baseline(str(src), cfg, str(data_root), threads=1)
+    assert baseline_name(str(src))  # the checkout's short commit (or its folder's name)
     assert len(timed["train"]) == 2 and len(timed["importance"]) == 1
     assert timed["wall"] >= sum(timed["train"]) > 0
     assert 0 < timed["evaluation"] < timed["wall"] - sum(timed["train"])  # its accuracy calls, timed

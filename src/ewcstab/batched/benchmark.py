@@ -174,9 +174,9 @@ print(json.dumps({"train": out.train_seconds, "importance": out.importance_secon
 """
 
 
-def time_baseline(src: str, cfg, root: str, threads: int) -> tuple[str, dict[str, object]]:
+def time_baseline(src: str, cfg, root: str, threads: int) -> dict[str, object]:
     """Time ``run_sequence`` of the checkout whose package is under ``src`` (``BASELINE_SCRIPT``) for ``cfg``'s
-    protocol on the CPU; returns the checkout's short commit (or the folder's name) and the timings."""
+    protocol on the CPU; returns its timings (train, importance, wall, evaluation seconds)."""
     fields = ("method", "variant", "lam", "seed", "n_tasks", "epochs", "train_subset", "test_subset")
     spec = {"threads": threads, "root": root, "config": {f: getattr(cfg, f) for f in fields} | {"download": False}}
     env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()))
@@ -184,7 +184,7 @@ def time_baseline(src: str, cfg, root: str, threads: int) -> tuple[str, dict[str
                           env=env, cwd=Path(src).resolve().parent)
     if done.returncode:
         raise SystemExit(f"--baseline-src {src}: the baseline run failed:\n{done.stderr[-2000:]}")
-    return baseline_name(src), json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def baseline_name(src: str) -> str:
@@ -274,9 +274,9 @@ def benchmark_batched(args: argparse.Namespace) -> dict[str, object]:
         measure("textbook", 1, lambda: single_run(textbook_path))
     if args.baseline_src:
         root = str(resolve_data_root(cfg.data_root))
-        name = baseline_name(args.baseline_src)
-        measure(f"baseline {name}", 1, lambda: tuple(time_baseline(args.baseline_src, cfg, root, threads)[1][k]
-                                                     for k in ("train", "importance", "wall", "evaluation")))
+        measure(f"baseline {baseline_name(args.baseline_src)}", 1,
+                lambda: tuple(time_baseline(args.baseline_src, cfg, root, threads)[k]
+                              for k in ("train", "importance", "wall", "evaluation")))
     if not args.no_single:
         measure("autograd", 1, single_run)
 
