@@ -10,7 +10,8 @@ import logging
 import sys
 from collections.abc import Callable
 
-from ewcstab.config import ARCHS, METHODS, OPTIMIZERS, SEQUENCES, VARIANTS, ConfigError, RunConfig
+from ewcstab.config import ARCHS, METHODS, OPTIMIZERS, SEQUENCES, VARIANTS, RunConfig
+from ewcstab.errors import ConfigError, UserError
 
 #: CLI flag -> RunConfig field, for the overrides ``run`` accepts.
 RUN_OVERRIDES = {
@@ -142,12 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         parser.exit(2, f"ewcstab: invalid configuration: {err}\n")
-    except Exception as err:  # data missing and the like: one clear line, not a traceback
-        from ewcstab.data import DataUnavailableError
-
-        if isinstance(err, DataUnavailableError):
-            parser.exit(2, f"ewcstab: {err}\n")
-        raise
+    except UserError as err:  # data missing and the like: one clear line, not a traceback
+        parser.exit(2, f"ewcstab: {err}\n")
 
 
 if __name__ == "__main__":

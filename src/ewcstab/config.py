@@ -14,19 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ewcstab.errors import ConfigError
+
 ARCHS = ("mlp", "cnn", "attention")
 SEQUENCES = ("permuted_mnist", "mnist_fmnist_rot90")
 METHODS = ("fisher", "mas", "si", "signal")
 VARIANTS = ("original", "stabilized", "clipped")
 OPTIMIZERS = ("adam", "sgd")
 FISHER_LABELS = ("true", "predicted")
+OPTIMIZER_STATES = ("fresh", "carried")
+
+#: A carried chain's donor run has seed ``DONOR_SEED_OFFSET + (the chain's first seed)``: far from the
+#: seeds of counted runs (final runs 0..N-1, search trials 1000+), so a donor is never a counted run.
+DONOR_SEED_OFFSET = 1_000_000
 
 #: The paper's task sequence for each architecture (attention: ours, the CNN's).
 DEFAULT_SEQUENCE = {"mlp": "permuted_mnist", "cnn": "mnist_fmnist_rot90", "attention": "mnist_fmnist_rot90"}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what is allowed."""
 
 
 @dataclass
@@ -49,6 +52,14 @@ class RunConfig:
     fisher_label: label in the Fisher's log-likelihood: true (paper, empirical) | predicted.
     train_subset / test_subset: first N samples of each split (None = all), for quick runs.
     perm_seed: seed of the permuted-MNIST pixel permutations (part of the task sequence).
+    optimizer_state: fresh | carried. fresh: every run starts with a new optimizer (PROTOCOL.md).
+        carried: as the authors' scripts ran (their Adam was created once per process and never reset
+        between runs), the run starts from the optimizer state (Adam's moments and step count) left at
+        the end of the run before it in its chain (see ``chain_of``).
+    chain_length: carried mode: counted runs per chain. Seeds are grouped into consecutive blocks of
+        this many (seed s is in the block starting at s - s % chain_length); a block's chain is a donor
+        run (seed ``DONOR_SEED_OFFSET`` + the block's first seed, fresh optimizer, not counted), then the
+        block's seeds in increasing order, each inheriting the optimizer state of the one before.
     device: auto | cpu | cuda | cuda:N.
     data_root: torchvision data folder; None = $EWCSTAB_DATA, else ./data.
     download: let torchvision download missing data.
@@ -77,6 +88,8 @@ class RunConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     perm_seed: int = 0
+    optimizer_state: str = "fresh"
+    chain_length: int = 1
     device: str = "auto"
     data_root: str | None = None
     download: bool = True
@@ -148,6 +161,7 @@ class RunConfig:
         _choice("variant", self.variant, VARIANTS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("fisher_label", self.fisher_label, FISHER_LABELS)
+        _choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATES)
         if self.sequence is not None:
             _choice("sequence", self.sequence, SEQUENCES)
         _number("lam", self.lam, minimum=0.0)
@@ -161,7 +175,11 @@ class RunConfig:
             _number("alpha", self.alpha, minimum=0.0, exclusive=True)
         for name in ("seed", "perm_seed"):
             _integer(name, getattr(self, name), minimum=0)
-        for name in ("epochs", "batch_size", "importance_samples", "eval_batch_size", "divergence_check_every"):
+        if self.optimizer_state == "carried" and self.seed >= DONOR_SEED_OFFSET:
+            raise ConfigError(f"seed: {self.seed} is not allowed with optimizer_state carried; allowed: an "
+                              f"integer < {DONOR_SEED_OFFSET} (larger seeds are the chains' donors)")
+        for name in ("epochs", "batch_size", "importance_samples", "eval_batch_size", "divergence_check_every",
+                     "chain_length"):
             _integer(name, getattr(self, name), minimum=1)
         for name in ("n_tasks", "train_subset", "test_subset"):
             if getattr(self, name) is not None:
@@ -202,3 +220,10 @@ def _integer(name: str, value: Any, minimum: int) -> None:
         raise ConfigError(f"{name}: {value!r} must be an integer")
     if value < minimum:
         raise ConfigError(f"{name}: {value!r} is not allowed; allowed: an integer >= {minimum}")
+
+
+def chain_of(seed: int, chain_length: int) -> list[int]:
+    """The seeds trained, in order, to reach the carried run ``seed``: the donor of its block, then the
+    block's seeds up to and including ``seed`` (see ``RunConfig.optimizer_state``)."""
+    first = seed - seed % chain_length
+    return [DONOR_SEED_OFFSET + first, *range(first, seed + 1)]

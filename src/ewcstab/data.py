@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ewcstab.errors import DataError
 from ewcstab import memory
 from ewcstab.interfaces import Task
 
@@ -40,7 +41,7 @@ _RAW_FILES = (
 _SEQUENCE_LENGTH = {"permuted_mnist": 10, "mnist_fmnist_rot90": 4}
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(DataError):
     """A dataset is neither on disk nor downloadable."""
 
 
