@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from conftest import slow_reference
-from ewcstab.importance import SI, build_importance
+from ewcstab.importance import SI, build_importance, network_importance
 from ewcstab.importance.fisher import log_likelihood
 from ewcstab.importance.mas import squared_output_norm
 from ewcstab.importance.persample import mean_reduced_sample_grads
@@ -93,10 +95,10 @@ def test_needs_eval_mode():
 def test_fisher_and_mas_estimators_use_the_protocol_formulas():
     model = tiny_mlp().train()
     x, y = data((12,))
-    fisher = build_importance("fisher").end_task(model, x, y)
+    fisher = network_importance(build_importance("fisher"), model, x, y)
     assert model.training, "end_task must restore the training mode"
     assert_close(fisher, slow_reference(model.eval(), x, y, log_likelihood, torch.square))
-    mas = build_importance("mas").end_task(model, x, y)
+    mas = network_importance(build_importance("mas"), model, x, y)
     assert_close(mas, slow_reference(model.eval(), x, y, squared_output_norm, torch.abs))
 
 
@@ -104,14 +106,14 @@ def test_fisher_predicted_label_uses_argmax():
     model = tiny_mlp()
     x, y = data((12,))
     predicted = model(x).argmax(-1)
-    got = build_importance("fisher", label="predicted").end_task(model, x, y)
+    got = network_importance(build_importance("fisher", label="predicted"), model, x, y)
     assert_close(got, slow_reference(model, x, predicted, log_likelihood, torch.square))
 
 
 def test_signal_matches_hand_computation():
     model = tiny_mlp()
     x, y = data((12,))
-    got = build_importance("signal").end_task(model, x, y)
+    got = network_importance(build_importance("signal"), model, x, y)
     # Hand computation, sample by sample: |W| * mean |input|; bias: mean |activation output|.
     layers = list(model.layers)
     in_abs = [torch.zeros(m.in_features, dtype=torch.float64) for m in layers]
@@ -133,12 +135,12 @@ def test_signal_matches_hand_computation():
 
 def test_signal_refuses_uncovered_parameters():
     with pytest.raises(ValueError, match="signal_activations"):
-        build_importance("signal").end_task(tiny_conv(), *data((1, 6, 6)))
+        network_importance(build_importance("signal"), tiny_conv(), *data((1, 6, 6)))
 
 
 def test_magnitude_is_absolute_value():
     model = tiny_mlp()
-    got = build_importance("magnitude").end_task(model, *data((12,)))
+    got = network_importance(build_importance("magnitude"), model, *data((12,)))
     assert_close(got, {k: p.detach().abs() for k, p in model.named_parameters()})
 
 
@@ -151,20 +153,24 @@ def test_si_matches_path_integral_reference():
     params = list(model.parameters())
     start = [p.detach().clone() for p in params]
     accum = [torch.zeros_like(p) for p in params]
-    si.begin_task(model)
+    def stacked(tensors):  # SI works on stacks of runs: here one run, (1, *shape)
+        return [t.unsqueeze(0) for t in tensors]
+
+    si.begin_task(stacked(params))
     for step in range(5):
         opt.zero_grad()
         F.cross_entropy(model(x[step * 8 : step * 8 + 8]), y[step * 8 : step * 8 + 8]).backward()
         grads = [p.grad for p in params]
         before = [p.detach().clone() for p in params]
         g_copy = [g.clone() for g in grads]
-        si.before_step(params, grads)
+        si.before_step(stacked(params), stacked(grads))
         opt.step()
-        si.after_step(params)
+        si.after_step(stacked(params))
         for a, g, p, b in zip(accum, g_copy, params, before):
             a -= g * (p.detach() - b)
-    got = si.end_task(model, x, y)
     names = [k for k, _ in model.named_parameters()]
+    runs = SimpleNamespace(params=stacked(params), names=names, count=1)
+    got = dict(zip(names, (o[0] for o in si.end_task(runs, x, y))))
     want = {k: a / ((p.detach() - s) ** 2 + 0.1) for k, a, p, s in zip(names, accum, params, start)}
     assert_close(got, want)
     assert any(v.abs().sum() > 0 for v in got.values())
@@ -209,7 +215,7 @@ def test_signal_conv_and_batchnorm_match_hand_computation():
         model.bn.bias.uniform_(-0.5, 0.5)
     model.eval()
     x, y = data((2, 5, 5), n=6)
-    got = build_importance("signal").end_task(model, x, y)
+    got = network_importance(build_importance("signal"), model, x, y)
 
     conv, bn = model.conv, model.bn
     w_in = torch.zeros(4, 1, 3, 3, dtype=torch.float64)  # sum of |input element| each weight multiplies
@@ -254,7 +260,7 @@ def test_signal_attention_matches_hand_computation():
             if p.dim() == 1:
                 p.add_(0.3 * torch.randn_like(p))
     x, y = data((1, 4, 4), n=5)
-    got = build_importance("signal").end_task(model, x, y)
+    got = network_importance(build_importance("signal"), model, x, y)
 
     blk = model.blocks[0]
     sums: dict[str, torch.Tensor] = {}
@@ -324,7 +330,7 @@ def test_signal_covers_every_parameter_of_every_registry_model(arch):
     torch.manual_seed(0)
     model = build_model(arch)
     params = dict(model.named_parameters())
-    got = build_importance("signal").end_task(model, torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+    got = network_importance(build_importance("signal"), model, torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
     assert list(got) == list(params)
     for k, v in got.items():
         assert v.shape == params[k].shape and torch.isfinite(v).all() and (v >= 0).all(), k
@@ -344,11 +350,11 @@ def test_signal_refuses_a_parameter_without_a_rule():
             return {"fc": lambda z: z}
 
     with pytest.raises(ValueError, match=r"no rule for parameters \['scale'\]"):
-        build_importance("signal").end_task(Scaled(), *data((12,)))
+        network_importance(build_importance("signal"), Scaled(), *data((12,)))
 
     class Listed(Scaled):
         def signal_activations(self):
             return {"fc": lambda z: z, "": lambda z: z}  # the root module: neither layer nor additive
 
     with pytest.raises(ValueError, match="no rule for module"):
-        build_importance("signal").end_task(Listed(), *data((12,)))
+        network_importance(build_importance("signal"), Listed(), *data((12,)))

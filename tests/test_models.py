@@ -12,6 +12,7 @@ from ewcstab.importance.fisher import log_likelihood
 from ewcstab.importance.mas import squared_output_norm
 from ewcstab.importance.persample import mean_reduced_sample_grads
 from ewcstab.models import build_model
+from ewcstab.models.mlp import MLP
 from ewcstab.models.attention import AttentionNet
 from ewcstab.models.cnn import CNN
 
@@ -129,3 +130,19 @@ def test_default_attention_works_under_vmap():
     assert got.keys() == dict(model.named_parameters()).keys()
     assert all(torch.isfinite(v).all() and (v >= 0).all() for v in got.values())
     assert got["head.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_mlp_stacked_forward_equals_forward_run_by_run(shared):
+    """``MLP.forward_stacked`` (batched products over runs) is the module's ``forward`` of each run."""
+    from torch.func import stack_module_state
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(MLP())
+    params, _ = stack_module_state(models)
+    x = torch.rand(5, 1, 28, 28) if shared else torch.rand(3, 5, 1, 28, 28)
+    got = models[0].forward_stacked(params, x, shared)
+    for r, m in enumerate(models):
+        torch.testing.assert_close(got[r], m(x if shared else x[r]), rtol=1e-5, atol=1e-6)

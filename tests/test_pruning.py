@@ -14,7 +14,7 @@ from torch import nn
 
 from test_latex import check_latex_table
 from ewcstab.config import RunConfig
-from ewcstab.importance import build_importance
+from ewcstab.importance import build_importance, network_importance
 from ewcstab.interfaces import Task
 from ewcstab.metrics import accuracy
 from ewcstab.models.mlp import MLP
@@ -39,7 +39,7 @@ from ewcstab.pruning import (
     train_network,
     write_curves,
 )
-from ewcstab.train import run_sequence
+from ewcstab.engine import train_stack
 CPU = torch.device("cpu")
 SIZES = (784, 24, 16, 10)
 LEVELS = (0.0, 0.001, 0.1, 0.37, 0.5, 0.8, 0.95, 0.999, 1.0)
@@ -76,8 +76,8 @@ def trained(task):
     cfg = RunConfig(epochs=1, batch_size=50, seed=1)
     si = build_importance("si")
     torch.manual_seed(0)
-    model = train_network(cfg, task, CPU, StepObservers({"si": si}))
-    return model, si.end_task(model, task.test_x, task.test_y)
+    model, runs = train_network(cfg, task, CPU, StepObservers({"si": si}))
+    return model, dict(zip(runs.names, (o[0] for o in si.end_task(runs, task.test_x, task.test_y))))
 
 
 def small_mlp(seed: int = 0) -> MLP:
@@ -179,7 +179,7 @@ def test_importance_with_nan_is_refused():
 
 def test_magnitude_p0_unchanged_p1_one_class(trained, task):
     model, _ = trained
-    mag = build_importance("magnitude").end_task(model, task.test_x, task.test_y)
+    mag = network_importance(build_importance("magnitude"), model, task.test_x, task.test_y)
     base = accuracy(model, task.test_x, task.test_y)
     assert base > 0.5  # learned something
     assert accuracy(apply_pruning(model, mag, "global", 0.0), task.test_x, task.test_y) == base
@@ -198,7 +198,7 @@ def test_magnitude_p0_unchanged_p1_one_class(trained, task):
 
 def test_pruned_model_survives_remove_and_state_dict_round_trip(trained, task):
     model, _ = trained
-    mag = build_importance("magnitude").end_task(model, task.test_x, task.test_y)
+    mag = network_importance(build_importance("magnitude"), model, task.test_x, task.test_y)
     pruned = apply_pruning(model, mag, "global", 0.7)
     acc = accuracy(pruned, task.test_x, task.test_y)
     zeros = sum(pruned_counts(pruned).values())
@@ -222,7 +222,7 @@ def test_pruned_model_survives_remove_and_state_dict_round_trip(trained, task):
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
 def test_fast_curve_equals_torch_prune_masked_model(trained, task, scope):
     model, si_omega = trained
-    fisher = build_importance("fisher").end_task(model, task.test_x, task.test_y)
+    fisher = network_importance(build_importance("fisher"), model, task.test_x, task.test_y)
     for scores in (fisher, si_omega):
         curve = pruning_curve(model, scores, scope, task.test_x, task.test_y, sparsity_step=0.001)
         assert curve.method == "fast" and len(curve.sparsity) == 1001
@@ -287,8 +287,8 @@ def test_direct_curve_for_other_models_matches_torch_prune():
 
 def test_train_network_is_task_one_of_a_run(task):
     cfg = RunConfig(method="si", lam=0.0, epochs=1, batch_size=50, seed=2)
-    model = train_network(cfg, task, CPU, StepObservers({}))
-    out = run_sequence(cfg, [task], CPU)
+    model, _ = train_network(cfg, task, CPU, StepObservers({}))
+    (out,), _ = train_stack([cfg], [task], CPU)
     assert accuracy(model, task.test_x, task.test_y) == out.acc_matrix[0][0]
 
 

@@ -79,7 +79,7 @@ def test_batched_trials_finish_the_study_with_pruning_and_records(tmp_path, data
     short record, finished ones with the full run record; the study ends with exactly n_trials."""
     import json
 
-    from ewcstab.batched import engine
+    from ewcstab import runner
 
     storage, runs = f"sqlite:///{tmp_path}/b.db", tmp_path / "runs"
     base = tiny_base(data_root).replace(n_tasks=3)
@@ -88,13 +88,13 @@ def test_batched_trials_finish_the_study_with_pruning_and_records(tmp_path, data
     # the pruner's verdict, forced: trial 3 stops after task 2 (what the median pruner decides is its business)
     monkeypatch.setattr(optuna.trial.Trial, "should_prune",
                         lambda self: self.number == 3 and max(self.storage.get_trial(self._trial_id).intermediate_values) == 2)
-    real = engine.train_batched
+    real = runner.train_configs
 
     def spy(cfgs, *args, **kwargs):
         batches.append([(c.lam, c.seed) for c in cfgs])
         return real(cfgs, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_batched", spy)
+    monkeypatch.setattr(runner, "train_configs", spy)
     study = run_search("b", storage, base, spec, runs, trials_per_batch=3)
     assert [len(b) for b in batches] == [6, 4]  # 3 trials x 2 seeds, then the 2 trials left
     assert all(b[0][0] == b[1][0] and (b[0][1], b[1][1]) == (1000, 1001) for b in batches)  # seeds per trial

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ewcstab.config import RunConfig
+from ewcstab.engine import train_stack
 from ewcstab.penalty import build_penalty
-from ewcstab.telemetry import COLUMNS, BlowupRule, TaskMonitor, total_norm
-from ewcstab.train import record, run_sequence
+from ewcstab.records import run_record as make_record
+from ewcstab.telemetry import COLUMNS, BlowupRule, TaskMonitor, run_norms
 
 from conftest import synthetic_task
 
@@ -35,8 +36,8 @@ SUMMARY_KEYS = {
 
 def run_record(tasks, trace=False, **changes):
     cfg = RunConfig(**{**QUICK, **changes})
-    out = run_sequence(cfg, tasks, CPU, trace=trace)
-    rec = record(cfg.resolved(), [t.name for t in tasks], out, 0.0, {})
+    (out,), info = train_stack([cfg], tasks, CPU, trace=trace)
+    rec = make_record(cfg.resolved().to_dict(), [t.name for t in tasks], out, 0.0, info, {})
     json.dumps(rec, allow_nan=False)  # telemetry never puts NaN/inf into a record
     return out, rec
 
@@ -63,15 +64,18 @@ def test_every_record_carries_a_sane_summary_per_task(tasks):
         assert 0 < s["anchor_dist_mean"] <= s["anchor_dist_max"]
 
 
+def test_run_norms_are_each_runs_norm_over_all_parameters():
+    grads = [torch.randn(3, 7, 3) * 10, torch.randn(3, 5) * 10]
+    want = [torch.cat([g[r].flatten() for g in grads]).norm() for r in range(3)]
+    torch.testing.assert_close(run_norms(grads), torch.stack(want))
+
+
 def test_clipping_bounds_the_norm_and_every_firing_is_counted(tasks):
-    pen = build_penalty("clipped", lam=1.0, alpha=1e-3, clip_norm=0.5)
-    grads = [torch.randn(7, 3) * 10, torch.randn(5) * 10]
-    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    before = total_norm([p.grad for p in params])
-    assert torch.allclose(pen.clip_(params), before)  # clip_ returns the pre-clip norm
-    assert total_norm([p.grad for p in params]) <= 0.5 + 1e-6
+    pen = build_penalty("clipped", [1.0, 1.0], alpha=1e-3, clip_norm=0.5)
+    grads = [torch.randn(2, 7, 3) * 10, torch.randn(2, 5) * 10]
+    before = run_norms(grads)
+    assert torch.equal(pen.clip_(grads, before), before)  # clip_ returns the pre-clip norms
+    assert (run_norms(grads) <= 0.5 + 1e-6).all()
 
     _, rec = run_record(tasks, trace=True, method="mas", variant="clipped", lam=10.0, clip_norm=0.8)
     for s, tr in zip(rec["telemetry"], rec["telemetry_trace"]):
@@ -94,8 +98,7 @@ def test_trace_holds_every_step_and_agrees_with_the_summary(tasks):
 
 def test_forced_divergence_is_recorded_with_task_and_step(tasks):
     """Plain EWC under SGD with kappa >> 2: diverged, where, and kappa shows why; nothing raised."""
-    out, rec = run_record(tasks, method="mas", variant="original", optimizer="sgd", lr=0.1, lam=1e7,
-                          epochs=2, divergence_check_every=5)
+    out, rec = run_record(tasks, method="mas", variant="original", optimizer="sgd", lr=0.1, lam=1e7, epochs=2)
     assert rec["diverged"] is True and rec["diverged_at"]["task"] == 2
     last = rec["telemetry"][-1]
     assert len(rec["telemetry"]) == 2 and last["task"] == 2 and last["diverged"] is True
@@ -115,8 +118,8 @@ def test_loss_blowup_rule_thresholds():
 
 def feed(monitor: TaskMonitor, losses, grad_norms=None):
     for i, loss in enumerate(losses):
-        g = torch.tensor(1.0 if grad_norms is None else grad_norms[i])
-        monitor.record(torch.tensor(loss), g, None, [], None)
+        g = torch.tensor([1.0 if grad_norms is None else grad_norms[i]])
+        monitor.record(torch.tensor([loss]), g, None, g)
 
 
 @pytest.mark.parametrize(
@@ -130,38 +133,53 @@ def feed(monitor: TaskMonitor, losses, grad_norms=None):
     ],
 )
 def test_monitor_finds_the_first_bad_step(losses, grad_norms, expected):
-    monitor = TaskMonitor(1, 4, CPU, [], blowup=BlowupRule())
+    monitor = TaskMonitor(1, 1, 4, CPU, [], blowup=BlowupRule())
     feed(monitor, losses[:2], grad_norms and grad_norms[:2])
-    first = monitor.check()
+    first = monitor.check(2)
     feed(monitor, losses[2:], grad_norms and grad_norms[2:])
-    assert (first if first is not None else monitor.check()) == expected
-    summary = monitor.summary([], [])
-    assert summary["diverged"] is (expected is not None)
+    found = first or monitor.check(4)
+    assert found.get(0) == expected
+    steps = expected[0] if expected else 4
+    (summary,) = monitor.summaries([0], [steps], [expected], [], [])
+    assert summary["diverged"] is (expected is not None) and summary["steps"] == steps
     json.dumps(summary, allow_nan=False)
 
 
-def test_blowup_stops_the_run_through_the_runner(tasks):
+def test_monitor_tells_runs_apart():
+    """Two runs, one blows up at step 2: only that run is reported, with its own first loss as reference."""
+    monitor = TaskMonitor(1, 2, 3, CPU, [], blowup=BlowupRule())
+    for losses in ([2.3, 0.01], [2.0, 100.0], [1.9, 0.5]):  # run 1: 100 < 100 ln 10 (its floor): no blow-up
+        monitor.record(torch.tensor(losses), torch.ones(2), None, torch.ones(2))
+    assert monitor.check(3) == {}
+    monitor = TaskMonitor(1, 2, 2, CPU, [], blowup=BlowupRule())
+    for losses in ([2.3, 2.3], [2.0, 1e9]):
+        monitor.record(torch.tensor(losses), torch.ones(2), None, torch.ones(2))
+    assert monitor.check(2) == {1: (2, "loss blow-up")}
+
+
+def test_blowup_stops_the_run_through_the_engine(tasks):
     """A rule that calls any loss above half the first one a blow-up fires on step 1 of task 1."""
-    cfg = RunConfig(**QUICK, divergence_check_every=3)
-    out = run_sequence(cfg, tasks, CPU, blowup=BlowupRule(factor=0.5, floor=0.0))
+    (out,), _ = train_stack([RunConfig(**QUICK)], tasks, CPU, blowup=BlowupRule(factor=0.5, floor=0.0))
     assert (out.divergence.task, out.divergence.step, out.divergence.reason) == (1, 1, "loss blow-up")
     assert out.acc_matrix == [] and out.telemetry[0]["diverged_step"] == 1
     assert out.divergence_rule["factor"] == 0.5
 
 
 def test_kappa_and_anchor_distance_summaries():
-    pen = build_penalty("original", lam=10.0, alpha=0.1)
-    omega = {"a": torch.tensor([0.1, 0.5, 1.0, 2.0]), "b": torch.tensor([[0.0, 0.2]])}
-    anchor = {"a": torch.zeros(4), "b": torch.zeros(1, 2)}
+    pen = build_penalty("original", [10.0], alpha=0.1)
+    omega = [torch.tensor([[0.1, 0.5, 1.0, 2.0]]), torch.tensor([[[0.0, 0.2]]])]
+    anchor = [torch.zeros(1, 4), torch.zeros(1, 1, 2)]
     pen.consolidate(anchor, omega)  # kappa = 2 * 0.1 * 10 * Omega = 2 Omega
-    params = [torch.tensor([1.0, -2.0, 0.0, 0.5]), torch.tensor([[0.0, 3.0]])]
-    monitor = TaskMonitor(2, 3, CPU, pen.step_gain())
+    params = [torch.tensor([[1.0, -2.0, 0.0, 0.5]]), torch.tensor([[[0.0, 3.0]]])]
+    monitor = TaskMonitor(2, 1, 3, CPU, pen.step_gain())
     feed(monitor, [2.0, 1.9, 1.8])
-    s = monitor.summary(params, pen.anchor)
+    (s,) = monitor.summaries([0], [3], [None], params, pen.anchor)
     assert s["kappa_max"] == pytest.approx(4.0)
     assert s["kappa_frac_ge1"] == pytest.approx(3 / 6)  # 1.0, 2.0, 4.0
     assert s["kappa_frac_ge2"] == pytest.approx(2 / 6)  # 2.0, 4.0
     assert s["anchor_dist_mean"] == pytest.approx(6.5 / 6) and s["anchor_dist_max"] == pytest.approx(3.0)
-    stab = build_penalty("stabilized", lam=10.0, alpha=0.1)
+    stab = build_penalty("stabilized", [10.0], alpha=0.1)
     stab.consolidate(anchor, omega)
-    assert TaskMonitor(2, 1, CPU, stab.step_gain()).summary([], [])["kappa_frac_ge1"] == 0.0  # kappa < 1 always
+    monitor = TaskMonitor(2, 1, 1, CPU, stab.step_gain())
+    feed(monitor, [2.0])
+    assert monitor.summaries([0], [1], [None], [], [])[0]["kappa_frac_ge1"] == 0.0  # kappa < 1 always

@@ -20,6 +20,7 @@ RUN_OVERRIDES = {
     "lr": "lr", "optimizer": "optimizer", "clip_norm": "clip_norm",
     "importance_samples": "importance_samples", "train_subset": "train_subset",
     "test_subset": "test_subset", "perm_seed": "perm_seed", "device": "device", "data_root": "data_root",
+    "optimizer_state": "optimizer_state", "chain_length": "chain_length",
 }
 
 
@@ -44,6 +45,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--perm-seed", type=int, help="seed of the permuted-MNIST permutations (default 0)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--data-root", help="torchvision data folder (default: $EWCSTAB_DATA, else ./data)")
+    p.add_argument("--optimizer-state", choices=("fresh", "carried"),
+                   help="fresh: a new optimizer per run (default); carried: start from the Adam state of the run "
+                        "before it in its chain, as the authors' scripts did")
+    p.add_argument("--chain-length", type=int, help="carried: counted runs per chain (default 1)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
@@ -77,10 +82,10 @@ def best_lambda_from(path: str) -> float:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ewcstab.io import write_json_atomic
-    from ewcstab.train import execute
+    from ewcstab.runner import execute
 
     cfg = config_from_args(args)
-    rec = execute(cfg, progress=not args.no_progress, trace=args.trace, engine=args.engine)
+    rec = execute(cfg, progress=not args.no_progress, trace=args.trace)
     write_json_atomic(args.out, rec)
     if rec["diverged"]:
         logging.warning("diverged at %s; recorded in %s", rec["diverged_at"], args.out)
@@ -109,9 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, metavar="FILE", help="where to write the run record (JSON, atomic)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--trace", action="store_true", help="also record per-step telemetry (gradient norms) per task")
-    run.add_argument("--engine", choices=("auto", "stacked", "autograd"), default="auto",
-                     help="stacked: hand-written MLP forward/backward (ewcstab.batched, one run; default via auto); "
-                          "autograd: torch autograd (ewcstab.train.run_sequence); both train the same run")
     run.set_defaults(func=cmd_run)
     for register in extra_commands():
         register(sub)
@@ -120,15 +122,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 def extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Functions that add further subcommands; each takes the subparsers object."""
-    from ewcstab import aggregate, benchmark, explosion, search
-    from ewcstab.batched import benchmark as batched_benchmark
-    from ewcstab.batched import command as batched_command
+    from ewcstab import aggregate, explosion, search
     from ewcstab.pruning import command as pruning
 
-    return [
-        search.register, aggregate.register, pruning.register, explosion.register,
-        batched_command.register, benchmark.register, batched_benchmark.register,
-    ]
+    return [search.register, aggregate.register, pruning.register, explosion.register, register_run_batched]
+
+
+def cmd_run_batched(args: argparse.Namespace) -> int:
+    from ewcstab.io import write_json_atomic
+    from ewcstab.runner import execute_batched
+
+    base = config_from_args(args)
+    seeds = args.seeds if args.seeds else [base.seed]
+    if args.lams and args.lam_from:
+        raise ConfigError("lams: give either --lams or --lam-from, not both")
+    lams = args.lams if args.lams else [base.lam]
+    cfgs = [base.replace(seed=seed, lam=lam) for seed in seeds for lam in lams]
+    if len(args.out) != len(cfgs):
+        raise ConfigError(f"out: {len(args.out)} file(s) given for {len(cfgs)} runs "
+                          f"({len(seeds)} seed(s) x {len(lams)} lambda(s)); give one --out path per run")
+    records = execute_batched(cfgs, progress=not args.no_progress, trace=args.trace, runs_per_batch=args.runs_per_batch)
+    for path, rec in zip(args.out, records):
+        write_json_atomic(path, rec)
+        if rec["diverged"]:
+            logging.warning("seed %s lam %s diverged at %s; recorded in %s",
+                            rec["seed"], rec["config"]["lam"], rec["diverged_at"], path)
+    return 0
+
+
+def register_run_batched(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run-batched", help="train several seeds/lambdas of one setting as one batch")
+    add_run_arguments(p)
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds of the runs (default: the config's seed)")
+    p.add_argument("--lams", type=float, nargs="+", help="lambdas of the runs (default: the config's lam)")
+    p.add_argument("--lam-from", metavar="FILE", help="take lambda from a search's best_lambda JSON (not with --lams)")
+    p.add_argument("--out", required=True, nargs="+", metavar="FILE", help="one record file per run, in order")
+    p.add_argument("--runs-per-batch", type=int, help="stack at most N runs at once (default: 4 on a CPU, "
+                   "all on a GPU); the records do not depend on it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trace", action="store_true", help="also record per-step telemetry (gradient norms) per task")
+    p.set_defaults(func=cmd_run_batched)
 
 
 def main(argv: list[str] | None = None) -> int:

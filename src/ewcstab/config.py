@@ -64,7 +64,6 @@ class RunConfig:
     data_root: torchvision data folder; None = $EWCSTAB_DATA, else ./data.
     download: let torchvision download missing data.
     eval_batch_size: batch for test-set evaluation (no effect on results).
-    divergence_check_every: steps between host checks of the device-side NaN flag.
     blowup_factor, blowup_cap: a finite loss above min(cap, factor * max(first loss of the task,
         ln 10)) also counts as divergence ('loss blow-up'); a huge value (1e30) switches it off.
     """
@@ -94,7 +93,6 @@ class RunConfig:
     data_root: str | None = None
     download: bool = True
     eval_batch_size: int = 2000
-    divergence_check_every: int = 50
     blowup_factor: float = 100.0
     blowup_cap: float = 1e4
 
@@ -178,8 +176,7 @@ class RunConfig:
         if self.optimizer_state == "carried" and self.seed >= DONOR_SEED_OFFSET:
             raise ConfigError(f"seed: {self.seed} is not allowed with optimizer_state carried; allowed: an "
                               f"integer < {DONOR_SEED_OFFSET} (larger seeds are the chains' donors)")
-        for name in ("epochs", "batch_size", "importance_samples", "eval_batch_size", "divergence_check_every",
-                     "chain_length"):
+        for name in ("epochs", "batch_size", "importance_samples", "eval_batch_size", "chain_length"):
             _integer(name, getattr(self, name), minimum=1)
         for name in ("n_tasks", "train_subset", "test_subset"):
             if getattr(self, name) is not None:

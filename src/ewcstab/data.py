@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from ewcstab.errors import DataError
-from ewcstab import memory
 from ewcstab.interfaces import Task
 
 DATA_ENV = "EWCSTAB_DATA"
@@ -171,11 +170,7 @@ def build_tasks(
             if subset is not None:
                 x, y = x[:subset], y[:subset]
             parts += [transform(x.to(device)), y.to(device)]
-        train_bytes = None
-        if device.type == "cpu":  # only the CPU engine's native gather reads them
-            pixels = _load_split_uint8(dataset, str(root), True, download)[0][:train_subset]
-            train_bytes = memory.copy_of(transform(pixels.unsqueeze(1)))  # huge pages: the engine's random rows
-        tasks.append(Task(name, *parts, train_bytes=train_bytes))
+        tasks.append(Task(name, *parts))
     return tasks
 
 

@@ -1,12 +1,16 @@
 """Interfaces shared across the package. Imports nothing else from ewcstab.
 
-The training loop only talks to these protocols, so an importance method or a
-penalty variant is a plug-in and the loop never asks which one is running
-(in the spirit of Avalanche's plugins).
+The training engine only talks to these protocols, so an importance method or a penalty variant is a
+plug-in and the engine never asks which one is running (in the spirit of Avalanche's plugins).
+
+Every per-run quantity the engine hands around is *stacked*: one tensor per parameter with a leading
+run dimension, (R, *shape), for the R runs trained side by side (R = 1 for a single run). Element-wise
+work on stacked tensors never mixes runs.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,9 +23,7 @@ ParamDict = dict[str, Tensor]
 class Task:
     """One task of a sequence: whole splits as tensors on the training device.
 
-    x: (N, 1, 28, 28) float in [0, 1]; y: (N,) int64. ``train_bytes``: for byte images, train_x's
-    pixel bytes (train_x == train_bytes.float() / 255 exactly), which the stacked engine gathers
-    batches from (a quarter of the memory traffic); None otherwise and on accelerators.
+    x: (N, 1, 28, 28) float in [0, 1]; y: (N,) int64.
     """
 
     name: str
@@ -29,36 +31,41 @@ class Task:
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
-    train_bytes: Tensor | None = None
+
+
+class Networks(Protocol):
+    """R networks of one architecture with stacked parameters (``ewcstab.stacking.Runs``)."""
+
+    names: list[str]  # parameter names, in the model's order
+    params: list[Tensor]  # one (R, *shape) tensor per parameter, in ``names`` order
+
+    @property
+    def count(self) -> int: ...
+
+    def network(self, r: int) -> AbstractContextManager[nn.Module]:
+        """Run r as an ordinary module (eval mode) holding copies of its parameters and buffers."""
+        ...
 
 
 class Importance(Protocol):
-    """Estimates per-parameter importances Omega for one task.
+    """Estimates per-parameter importances Omega of every run for one task.
 
-    Offline methods (fisher, mas, signal, magnitude) do all their work in
-    ``end_task``; the online one (si) also listens to every optimizer step.
-    ``before_step`` sees the gradients of the full loss (task loss plus penalty)
-    just before the optimizer updates the parameters, ``after_step`` just after.
+    Offline methods (fisher, mas, signal, magnitude) do all their work in ``end_task``; the online one
+    (si) also listens to every optimizer step. ``before_step`` sees the gradients of the full loss (task
+    loss plus penalty) just before the optimizer updates the parameters, ``after_step`` just after.
+    All tensors are stacked, (R, *shape) per parameter; ``end_task`` returns the same.
     """
 
     name: str
 
-    def begin_task(self, model: nn.Module) -> None: ...
+    def begin_task(self, params: list[Tensor]) -> None: ...
 
     def before_step(self, params: list[Tensor], grads: list[Tensor]) -> None: ...
 
     def after_step(self, params: list[Tensor]) -> None: ...
 
-    def end_task(self, model: nn.Module, x: Tensor, y: Tensor) -> ParamDict: ...
+    def select(self, keep: Tensor) -> None:
+        """Keep only the runs at positions ``keep`` (1-D long tensor) of any per-run state."""
+        ...
 
-
-class Penalty(Protocol):
-    """A quadratic pull towards the anchor: sum_i c_i (theta_i - theta*_i)^2."""
-
-    name: str
-
-    def consolidate(self, anchor: ParamDict, omega: ParamDict) -> None: ...
-
-    def add_grad_(self, params: list[Tensor], grads: list[Tensor]) -> None: ...
-
-    def value(self, params: list[Tensor]) -> Tensor: ...
+    def end_task(self, runs: Networks, x: Tensor, y: Tensor) -> list[Tensor]: ...

@@ -49,11 +49,35 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def set_numerics(device: torch.device) -> None:
+    """Deterministic kernels where the device offers a choice: on CUDA, cuDNN's deterministic algorithms and
+    no autotuning (the same seed and config then give the same numbers on the same device). TF32 stays at
+    PyTorch's defaults (off for float32 matrix products, on for cuDNN convolutions); ``numerics`` records it."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def numerics(device: torch.device) -> dict[str, object]:
+    """The settings that change float results: matmul precision, TF32, cuDNN determinism, CPU threads."""
+    out: dict[str, object] = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        out.update(cuda_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                   cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                   cudnn_deterministic=torch.backends.cudnn.deterministic,
+                   cudnn_benchmark=torch.backends.cudnn.benchmark)
+    return out
+
+
 def collect(device: torch.device, data_checksums: dict[str, str], data_root: str) -> dict[str, object]:
     return {
         "packages": package_versions(),
         "git": git_commit(),
         "device": device_description(device),
+        "numerics": numerics(device),
         "host": socket.gethostname(),
         "data_root": data_root,
         "data_sha256": data_checksums,

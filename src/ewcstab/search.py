@@ -197,7 +197,7 @@ def run_search(
     from optuna.trial import TrialState
 
     from ewcstab.io import write_json_atomic
-    from ewcstab.train import execute
+    from ewcstab.runner import execute
 
     spec.validate()
     base.validate()
@@ -301,7 +301,7 @@ def _run_trial_batch(study, spec: SearchSpec, base: RunConfig, runs_dir: Path, k
     from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize uses per trial
     from optuna.trial import TrialState
 
-    from ewcstab.batched import execute_batched
+    from ewcstab.runner import execute_batched
     from ewcstab.io import write_json_atomic
 
     trials, lams = [], []

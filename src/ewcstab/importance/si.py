@@ -1,4 +1,4 @@
-"""Synaptic Intelligence (Zenke et al. 2017), as in PROTOCOL.md 'si'.
+"""Synaptic Intelligence (Zenke et al. 2017), as in docs/protocol.md 'si'.
 
 During a task, at every optimizer step, accumulate w_i += -g_i * delta_theta_i, where g
 is the gradient of the full loss (task loss plus penalty) and delta_theta the change
@@ -6,16 +6,16 @@ the optimizer actually made. At the task's end,
 
     Omega_i = w_i / ((theta_end_i - theta_start_i)^2 + xi),   xi = 0.1 (paper),
 
-with theta_start the parameters when the task began (the anchor). All updates are
-foreach kernels on the parameter list: no per-tensor Python work per step.
+with theta_start the parameters when the task began (the anchor). Every tensor is stacked over runs,
+(R, *shape), and every update is element-wise, so each run accumulates its own path integral.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ewcstab.interfaces import ParamDict
+from ewcstab.interfaces import Networks
 
 
 class SI:
@@ -23,34 +23,32 @@ class SI:
 
     def __init__(self, xi: float = 0.1) -> None:
         self.xi = xi
-        self._names: list[str] = []
         self._start: list[Tensor] = []
         self._accum: list[Tensor] = []
         self._old: list[Tensor] = []
         self._grads: list[Tensor] = []
 
-    def begin_task(self, model: nn.Module) -> None:
-        named = [(k, p.detach()) for k, p in model.named_parameters()]
-        self._names = [k for k, _ in named]
-        self._start = [p.clone() for _, p in named]
-        self._accum = [torch.zeros_like(p) for _, p in named]
-        self._old = [p.clone() for _, p in named]
-        self._grads = [torch.zeros_like(p) for _, p in named]
+    def begin_task(self, params: list[Tensor]) -> None:
+        self._start = [p.detach().clone() for p in params]
+        self._accum = [torch.zeros_like(p) for p in self._start]
+        self._old = [p.clone() for p in self._start]
+        self._grads = [torch.zeros_like(p) for p in self._start]
 
     def before_step(self, params: list[Tensor], grads: list[Tensor]) -> None:
         # Copies, not references: gradient clipping may rescale the grads in place
         # afterwards, and g is the gradient of the loss, not the clipped step direction.
-        torch._foreach_copy_(self._old, [p.detach() for p in params])
-        torch._foreach_copy_(self._grads, grads)
+        for old, p, keep, g in zip(self._old, params, self._grads, grads):
+            old.copy_(p.detach())
+            keep.copy_(g)
 
     def after_step(self, params: list[Tensor]) -> None:
-        delta = torch._foreach_sub([p.detach() for p in params], self._old)
-        torch._foreach_mul_(delta, self._grads)
-        torch._foreach_sub_(self._accum, delta)  # w += -g * delta_theta
+        for old, p, g, w in zip(self._old, params, self._grads, self._accum):
+            delta = torch.sub(p.detach(), old, out=old)  # theta after - theta before, in the snapshot's buffer
+            w.addcmul_(delta, g, value=-1.0)  # w += -g * delta_theta
 
-    def end_task(self, model: nn.Module, x: Tensor, y: Tensor) -> ParamDict:
-        end = dict(model.named_parameters())
-        return {
-            k: w / ((end[k].detach() - s).square() + self.xi)
-            for k, s, w in zip(self._names, self._start, self._accum)
-        }
+    def select(self, keep: Tensor) -> None:
+        for state in (self._start, self._accum, self._old, self._grads):
+            state[:] = [t.index_select(0, keep) for t in state]
+
+    def end_task(self, runs: Networks, x: Tensor, y: Tensor) -> list[Tensor]:
+        return [w / ((p.detach() - s).square() + self.xi) for p, s, w in zip(runs.params, self._start, self._accum)]

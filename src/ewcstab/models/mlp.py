@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -9,7 +10,7 @@ LEAKY_SLOPE = 0.01
 
 
 class MLP(nn.Module):
-    """784 -> 300 -> 150 -> 10; 282,160 parameters (PROTOCOL.md)."""
+    """784 -> 300 -> 150 -> 10; 282,160 parameters (docs/protocol.md)."""
 
     def __init__(self, sizes: tuple[int, ...] = (784, 300, 150, 10)) -> None:
         super().__init__()
@@ -21,10 +22,30 @@ class MLP(nn.Module):
             h = F.leaky_relu(layer(h), LEAKY_SLOPE)
         return self.layers[-1](h)  # logits (B, 10)
 
+    def forward_stacked(self, params: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
+        """``forward`` of R networks at once (``ewcstab.stacking``), as batched matrix products:
+        z_l^T = W_l a_{l-1}^T + b_l for every run with one ``baddbmm`` per layer. Written as W a^T (not
+        a W^T) so that autograd's weight gradient, dz^T a, comes out contiguous: a transposed gradient
+        would cost a copy per weight and step (torch's fused CPU Adam needs contiguous gradients).
+
+        params: name -> (R, *shape); x: (R, B, 1, 28, 28) per run, or (B, 1, 28, 28) with ``shared``.
+        Returns the logits (R, B, 10). Equal to ``forward`` run by run (tests/test_models.py); on a CPU
+        about 1.2x faster than vmap over ``functional_call`` at the paper's batch of 100.
+        """
+        runs = params["layers.0.weight"].shape[0]
+        h = x.flatten(1).expand(runs, -1, -1) if shared else x.flatten(2)  # (R, B, 784); shared: stride 0
+        last = len(self.layers) - 1
+        for i in range(len(self.layers)):
+            w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]  # (R, out, in), (R, out)
+            h = torch.baddbmm(b.unsqueeze(2), w, h.transpose(1, 2)).transpose(1, 2)  # (R, out, B) -> (R, B, out)
+            if i < last:
+                h = F.leaky_relu(h, LEAKY_SLOPE)
+        return h
+
     def signal_activations(self) -> dict[str, object]:
         """Nonlinearity applied to each linear layer's output, for the signal importance.
 
-        The last layer's output is taken after softmax (PROTOCOL.md, 'signal').
+        The last layer's output is taken after softmax (docs/protocol.md, 'signal').
         """
         acts: dict[str, object] = {
             f"layers.{i}": (lambda z: F.leaky_relu(z, LEAKY_SLOPE)) for i in range(len(self.layers) - 1)

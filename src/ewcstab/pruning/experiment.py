@@ -1,8 +1,8 @@
 """The pruning experiment for one network (paper section 4, PROTOCOL.md 'Pruning by weight importance').
 
 1. Train the architecture on plain MNIST: one task, the continual-learning protocol's training
-   (Adam lr 1e-3, batch 100, 6 epochs, seeded as ``ewcstab.train.run_sequence`` seeds a run, so the
-   network equals the first task of a run with the same seed), through ``ewcstab.train.train_task``.
+   (Adam lr 1e-3, batch 100, 6 epochs, seeded as every run is seeded, so the network equals the first
+   task of a run with the same seed), by the training engine (``ewcstab.engine.Engine``, one run).
 2. Compute each importance with ``ewcstab.importance.build_importance``:
    - ``importance_data="test"``: on the MNIST test set, as the authors did (the set the curves are
      then evaluated on);
@@ -20,6 +20,7 @@ The result is one tidy table per network (columns ``CURVE_COLUMNS``) plus a meta
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -39,14 +40,13 @@ from ewcstab.data import build_tasks, data_checksums, resolve_data_root
 from ewcstab.device import resolve_device, synchronize
 from ewcstab.importance import REGISTRY as IMPORTANCE_REGISTRY
 from ewcstab.importance import build_importance
-from ewcstab.interfaces import Importance, ParamDict, Task
+from ewcstab.interfaces import Importance, Networks, ParamDict, Task
 from ewcstab.io import write_json_atomic, write_text_atomic
 from ewcstab.metrics import accuracy
 from ewcstab.models import build_model
-from ewcstab.penalty import build_penalty
 from ewcstab.pruning.curve import CURVE_METHODS, pruning_curve
 from ewcstab.pruning.ranking import SCOPES, sparsity_levels
-from ewcstab.train import make_optimizer, train_task
+from ewcstab.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ class PruneConfig:
 
 
 class StepObservers:
-    """Fans the trainer's hooks out to several importance estimators (``interfaces.Importance``).
+    """Fans the engine's step hooks out to several importance estimators (``interfaces.Importance``).
 
-    The trainer drives one observer; offline estimators ignore the steps, SI accumulates its
+    The engine drives one observer; offline estimators ignore the steps, SI accumulates its
     path integral. No estimator is asked which method it is.
     """
 
@@ -152,9 +152,9 @@ class StepObservers:
     def __init__(self, estimators: dict[str, Importance]) -> None:
         self.estimators = estimators
 
-    def begin_task(self, model: nn.Module) -> None:
+    def begin_task(self, params: list[Tensor]) -> None:
         for est in self.estimators.values():
-            est.begin_task(model)
+            est.begin_task(params)
 
     def before_step(self, params: list[Tensor], grads: list[Tensor]) -> None:
         for est in self.estimators.values():
@@ -164,7 +164,11 @@ class StepObservers:
         for est in self.estimators.values():
             est.after_step(params)
 
-    def end_task(self, model: nn.Module, x: Tensor, y: Tensor) -> ParamDict:
+    def select(self, keep: Tensor) -> None:
+        for est in self.estimators.values():
+            est.select(keep)
+
+    def end_task(self, runs: Networks, x: Tensor, y: Tensor) -> list[Tensor]:
         raise TypeError("StepObservers has no importance of its own; call end_task on each estimator")
 
 
@@ -187,26 +191,19 @@ def split_for_importance(task: Task, importance_data: str, heldout_size: int) ->
 
 def train_network(
     cfg: RunConfig, task: Task, device: torch.device, observer: Importance, progress: bool = False
-) -> nn.Module:
-    """Train a fresh ``cfg.arch`` on one task with the protocol's trainer; returns the model.
+) -> tuple[nn.Module, Networks]:
+    """Train a fresh ``cfg.arch`` on one task with the training engine (one run).
 
-    Seeding and set-up mirror ``ewcstab.train.run_sequence`` (torch seed, then the model, the
-    optimizer, a data-order generator), so the network is the one task 1 of a run with this seed
-    produces. ``observer`` receives the trainer's step hooks (SI needs them).
+    Returns the trained network (a module of its own, eval mode) and the engine's stack of one run (what
+    SI's ``end_task`` reads). The run is seeded as every run is, so the network is the one task 1 of a run
+    with this seed produces. ``observer`` receives the engine's step hooks (SI needs them).
     """
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch).to(device)
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
-    no_penalty = build_penalty(cfg.variant, 0.0, cfg.resolved_alpha, cfg.clip_norm)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    divergence = train_task(model, task, 1, cfg, optimizer, no_penalty, observer, generator, progress)
-    if divergence is not None:
-        raise RuntimeError(f"training diverged: {divergence}")
-    model.eval()
-    return model
+    engine = Engine([cfg], device, importance=observer)
+    engine.train_task(1, task, progress)
+    if engine.outcomes[0].divergence is not None:
+        raise RuntimeError(f"training diverged: {engine.outcomes[0].divergence}")
+    with engine.runs.network(0) as trained:
+        return copy.deepcopy(trained), engine.runs
 
 
 @dataclass
@@ -234,7 +231,7 @@ def prune_network(
 
     synchronize(device)
     start = time.perf_counter()
-    model = train_network(train_cfg, train, device, StepObservers(estimators), progress)
+    model, runs = train_network(train_cfg, train, device, StepObservers(estimators), progress)
     synchronize(device)
     result = NetworkResult(pd.DataFrame(), accuracy(model, task.test_x, task.test_y), time.perf_counter() - start)
     log.info("seed %d: trained in %.1f s, test accuracy %.4f", cfg.seed, result.train_seconds, result.unpruned_accuracy)
@@ -242,7 +239,8 @@ def prune_network(
     frames = []
     for name, est in estimators.items():
         start = time.perf_counter()
-        omega = est.end_task(model, imp_x, imp_y)  # SI ignores x, y: its Omega is the training path integral
+        # SI ignores x, y: its Omega is the training path integral
+        omega = dict(zip(runs.names, (o[0] for o in est.end_task(runs, imp_x, imp_y))))
         synchronize(device)
         result.importance_seconds[name] = time.perf_counter() - start
         for scope in cfg.scopes:

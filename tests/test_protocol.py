@@ -1,4 +1,4 @@
-"""The protocol loop: learning, forgetting, EWC's effect, determinism, divergence."""
+"""The protocol loop: learning, forgetting, EWC's effect, divergence, and the run record."""
 
 from __future__ import annotations
 
@@ -9,25 +9,23 @@ import torch
 
 from ewcstab.config import RunConfig
 from ewcstab.device import resolve_device
-from ewcstab.train import execute, record, run_sequence
+from ewcstab.engine import train_stack
+from ewcstab.records import run_record
+from ewcstab.runner import execute
 
 CPU = torch.device("cpu")
 
 
-def test_same_seed_same_numbers(synthetic_tasks):
-    cfg = RunConfig(method="si", lam=1.0, epochs=1, batch_size=50, importance_samples=200, seed=3)
-    a = run_sequence(cfg, synthetic_tasks, CPU)
-    b = run_sequence(cfg, synthetic_tasks, CPU)
-    assert a.acc_matrix == b.acc_matrix
-    c = run_sequence(cfg.replace(seed=4), synthetic_tasks, CPU)
-    assert c.acc_matrix != a.acc_matrix
+def run(cfg, tasks):
+    (out,), info = train_stack([cfg], tasks, CPU)
+    return out, info
 
 
 @pytest.mark.parametrize("method", ["fisher", "mas", "si", "signal"])
 @pytest.mark.parametrize("variant", ["original", "stabilized", "clipped"])
 def test_every_method_and_variant_runs(synthetic_tasks, method, variant):
     cfg = RunConfig(method=method, variant=variant, lam=1.0, epochs=1, batch_size=50, importance_samples=200)
-    out = run_sequence(cfg, synthetic_tasks, CPU)
+    out, _ = run(cfg, synthetic_tasks)
     assert out.divergence is None
     assert [len(r) for r in out.acc_matrix] == [1, 2, 3]
     assert len(out.importance_seconds) == 2 and len(out.train_seconds) == 3
@@ -37,12 +35,12 @@ def test_every_method_and_variant_runs(synthetic_tasks, method, variant):
 def test_forced_divergence_is_recorded_not_raised(synthetic_tasks):
     """Plain EWC, plain SGD, 2 alpha lam Omega >> 2 on important weights: the loss must blow up."""
     cfg = RunConfig(method="mas", variant="original", optimizer="sgd", lr=0.1, lam=1e7, epochs=2,
-                    batch_size=50, importance_samples=200, divergence_check_every=7)
-    out = run_sequence(cfg, synthetic_tasks, CPU)
+                    batch_size=50, importance_samples=200)
+    out, info = run(cfg, synthetic_tasks)
     assert out.divergence is not None
     assert out.divergence.task == 2 and out.divergence.step >= 1
     assert len(out.acc_matrix) == 1  # only task 1 finished
-    rec = record(cfg.resolved(), [t.name for t in synthetic_tasks], out, 0.0, {})
+    rec = run_record(cfg.resolved().to_dict(), [t.name for t in synthetic_tasks], out, 0.0, info, {})
     assert rec["diverged"] is True
     assert rec["diverged_at"]["task"] == 2
     assert rec["mean_acc_after_task"][1:] == [None, None]
@@ -50,26 +48,8 @@ def test_forced_divergence_is_recorded_not_raised(synthetic_tasks):
     json.dumps(rec, allow_nan=False)  # no NaN ever reaches the record
 
     # the same lambda with the stabilized penalty stays finite
-    stable = run_sequence(cfg.replace(variant="stabilized", alpha=0.1), synthetic_tasks, CPU)
+    stable, _ = run(cfg.replace(variant="stabilized", alpha=0.1), synthetic_tasks)
     assert stable.divergence is None
-
-
-def test_divergence_step_is_exact(synthetic_tasks, monkeypatch):
-    """The device-side loss buffer reports the first non-finite step, whatever the check interval."""
-    import ewcstab.train as train_mod
-
-    real = train_mod.F.cross_entropy
-    calls = {"n": 0}
-
-    def poisoned(logits, target):
-        calls["n"] += 1
-        loss = real(logits, target)
-        return loss * float("nan") if calls["n"] == 20 else loss  # step 8 of task 2 (12 steps per task)
-
-    monkeypatch.setattr(train_mod.F, "cross_entropy", poisoned)
-    cfg = RunConfig(method="fisher", lam=1.0, epochs=1, batch_size=50, importance_samples=200, divergence_check_every=5)
-    out = run_sequence(cfg, synthetic_tasks, CPU)
-    assert (out.divergence.task, out.divergence.epoch, out.divergence.step) == (2, 1, 8)
 
 
 def test_cpu_device_resolution():
@@ -106,3 +86,6 @@ def test_real_mnist_learns_forgets_and_ewc_reduces_forgetting(data_root):
     }
     assert ewc["provenance"]["packages"]["torch"] == torch.__version__.split("+")[0]
     assert ewc["provenance"]["git"].keys() == {"commit", "dirty"}
+    assert ewc["provenance"]["numerics"]["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert ewc["engine"] == {"runs_in_batch": 1, "forward": "stacked", "cuda_graphs": False, "runs_per_batch": 1}
+    assert ewc["config"]["optimizer_state"] == "fresh" and "chain" not in ewc
