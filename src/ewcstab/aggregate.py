@@ -1,12 +1,14 @@
 """Run records -> tidy tables (pandas), with the paper's numbers beside ours.
 
 ``ewcstab gather``: JSON run records -> one long-format CSV, one row per run and task
-(the mean accuracy after that task). ``ewcstab table``: that CSV plus the searches'
-best lambdas -> Table 1 (CSV, Markdown and LaTeX): per (arch, method, variant) the best lambda,
-mean accuracy after the last task with its 95% half-width (t(0.975, n-1) * std / sqrt(n),
-ddof = 0, as the paper), runs, diverged runs, the lambda = 0 baseline and the per-task
-curve; the paper's columns come from its reference CSV, and a note says where the paper
-has no number.
+(the mean accuracy after that task), with the run's role (final, baseline, sweep) and optimizer
+state (fresh, carried). ``ewcstab table``: that CSV plus the studies' lambda records -> Table 1
+(CSV, Markdown and LaTeX). The CSV has one row per (arch, method, variant, optimizer state): the
+lambda, mean accuracy after the last task with its 95% half-width (t(0.975, n-1) * std / sqrt(n),
+ddof = 0, as the paper), runs, diverged runs, the lambda = 0 baseline in the same state, the
+per-task curve, the paper's numbers from its reference CSV and the gap to them in units of the
+paper's 95% half-width, (ours - paper) / paper's half-width; a note says where the paper has no
+number. The Markdown and LaTeX tables show one column per optimizer state beside the paper's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from ewcstab.io import read_json, write_text_atomic
 from ewcstab.metrics import mean_ci95
 
 KEYS = ["arch", "method", "variant"]
+#: Optimizer states in the order Table 1 shows them; records without the field are fresh.
+STATES = ("carried", "fresh")
 
 
 def gather_records(paths: list[str], role: str) -> pd.DataFrame:
@@ -32,8 +36,9 @@ def gather_records(paths: list[str], role: str) -> pd.DataFrame:
             rows.append({
                 "arch": cfg["arch"], "sequence": cfg["sequence"], "method": cfg["method"],
                 "variant": cfg["variant"], "lam": cfg["lam"], "seed": rec["seed"], "role": role,
-                "after_task": t, "n_tasks": len(rec["tasks"]), "mean_acc": mean,
-                "diverged": rec["diverged"], "train_seconds": sum(rec["train_seconds"]), "source": str(path),
+                "optimizer_state": cfg.get("optimizer_state", "fresh"), "after_task": t,
+                "n_tasks": len(rec["tasks"]), "mean_acc": mean, "diverged": rec["diverged"],
+                "train_seconds": sum(rec["train_seconds"]), "source": str(path),
             })
     return pd.DataFrame(rows)
 
@@ -44,27 +49,38 @@ def _curve(df: pd.DataFrame) -> str:
 
 
 def continual_table(runs: pd.DataFrame, best: list[dict], paper: pd.DataFrame | None) -> pd.DataFrame:
-    """Table 1: one row per searched (arch, method, variant)."""
+    """Table 1: one row per studied (arch, method, variant) and optimizer state present in ``runs``."""
+    if "optimizer_state" not in runs:
+        runs = runs.assign(optimizer_state="fresh")
     final = runs[runs["role"] == "final"]
     baseline = runs[runs["role"] == "baseline"]
+    present = [s for s in STATES if s in set(runs["optimizer_state"])]
     rows = []
     for b in best:
         key = (b["arch"], b["method"], b["variant"])
-        sel = final[(final["arch"] == key[0]) & (final["method"] == key[1]) & (final["variant"] == key[2])]
-        per_run = sel[sel["after_task"] == sel["n_tasks"]]
-        ok = per_run[~per_run["diverged"]]
-        mean, ci = mean_ci95(ok["mean_acc"].to_numpy())
-        base = baseline[(baseline["arch"] == key[0]) & (baseline["after_task"] == baseline["n_tasks"])]
-        base_mean, base_ci = mean_ci95(base["mean_acc"].dropna().to_numpy())
-        rows.append({
-            "arch": key[0], "method": key[1], "variant": key[2], "best_lambda": b["best_lambda"],
-            "n_runs": len(per_run), "n_diverged": int(per_run["diverged"].sum()),
-            "mean_acc_last": mean, "ci95_last": ci, "acc_lambda0": base_mean, "ci95_lambda0": base_ci,
-            "mean_acc_after_each_task": _curve(sel[~sel["source"].isin(per_run[per_run["diverged"]]["source"])]),
-            "search_mode": b.get("mode"), "search_trials": sum(b.get("n_trials", {}).values()),
-        })
-    table = pd.DataFrame(rows)
-    return add_paper_columns(table, paper)
+        for state in present:
+            sel = final[(final["arch"] == key[0]) & (final["method"] == key[1]) & (final["variant"] == key[2])
+                        & (final["optimizer_state"] == state)]
+            if sel.empty:
+                continue
+            per_run = sel[sel["after_task"] == sel["n_tasks"]]
+            ok = per_run[~per_run["diverged"]]
+            mean, ci = mean_ci95(ok["mean_acc"].to_numpy())
+            base = baseline[(baseline["arch"] == key[0]) & (baseline["after_task"] == baseline["n_tasks"])
+                            & (baseline["optimizer_state"] == state)]
+            base_mean, base_ci = mean_ci95(base["mean_acc"].dropna().to_numpy())
+            rows.append({
+                "arch": key[0], "method": key[1], "variant": key[2], "optimizer_state": state,
+                "best_lambda": b["best_lambda"], "n_runs": len(per_run), "n_diverged": int(per_run["diverged"].sum()),
+                "mean_acc_last": mean, "ci95_last": ci, "acc_lambda0": base_mean, "ci95_lambda0": base_ci,
+                "n_runs_lambda0": len(base),
+                "mean_acc_after_each_task": _curve(sel[~sel["source"].isin(per_run[per_run["diverged"]]["source"])]),
+                "search_mode": b.get("mode"), "search_trials": sum(b.get("n_trials", {}).values()),
+            })
+    table = add_paper_columns(pd.DataFrame(rows), paper)
+    if not table.empty:
+        table["gap_in_paper_ci"] = (table["mean_acc_last"] - table["paper_mean_acc_last"]) / table["paper_ci95_last"]
+    return table
 
 
 def add_paper_columns(table: pd.DataFrame, paper: pd.DataFrame | None) -> pd.DataFrame:
@@ -87,20 +103,28 @@ def add_paper_columns(table: pd.DataFrame, paper: pd.DataFrame | None) -> pd.Dat
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 as strings: ours and the paper's side by side (the Markdown and LaTeX tables)."""
-    show = table.copy()
+    """Table 1 as strings, one row per study: ours in each optimizer state beside the paper's, with the
+    gap in units of the paper's 95% half-width (the Markdown and LaTeX tables)."""
     fmt = lambda v, d=4: "n/a" if pd.isna(v) else f"{v:.{d}f}"  # noqa: E731
-    show["ours: acc (95% CI)"] = [f"{fmt(m)} ± {fmt(c)}" for m, c in zip(show["mean_acc_last"], show["ci95_last"])]
-    show["paper: acc (95% CI)"] = [
-        "n/a" if pd.isna(m) else f"{fmt(m)} ± {fmt(c)}" for m, c in zip(show["paper_mean_acc_last"], show["paper_ci95_last"])
-    ]
-    show["ours: lambda"] = [f"{v:.4g}" for v in show["best_lambda"]]
-    show["paper: lambda"] = ["n/a" if pd.isna(v) else f"{v:g}" for v in show["paper_best_lambda"]]
-    show["ours: lambda=0"] = [fmt(v) for v in show["acc_lambda0"]]
-    show["paper: lambda=0"] = [fmt(v) for v in show["paper_acc_lambda0"]]
-    cols = ["arch", "method", "variant", "ours: lambda", "paper: lambda", "ours: acc (95% CI)", "paper: acc (95% CI)",
-            "n_runs", "n_diverged", "ours: lambda=0", "paper: lambda=0", "paper_note"]
-    return show[cols].rename(columns={"n_runs": "runs", "n_diverged": "diverged", "paper_note": "note"})
+    rows = []
+    for key, part in table.groupby(KEYS, sort=False):
+        first = part.iloc[0]
+        row = {"arch": key[0], "method": key[1], "variant": key[2],
+               "ours: lambda": f"{first['best_lambda']:.4g}",
+               "paper: lambda": "n/a" if pd.isna(first["paper_best_lambda"]) else f"{first['paper_best_lambda']:g}"}
+        for _, r in part.iterrows():
+            state = r["optimizer_state"]
+            runs = f", {int(r['n_runs'])} runs" + (f", {int(r['n_diverged'])} diverged" if r["n_diverged"] else "")
+            row[f"ours, {state}: acc (95% CI)"] = f"{fmt(r['mean_acc_last'])} ± {fmt(r['ci95_last'])}{runs}"
+            row[f"{state}: gap (paper CIs)"] = "n/a" if pd.isna(r["gap_in_paper_ci"]) else f"{r['gap_in_paper_ci']:+.1f}"
+        row["paper: acc (95% CI)"] = ("n/a" if pd.isna(first["paper_mean_acc_last"])
+                                      else f"{fmt(first['paper_mean_acc_last'])} ± {fmt(first['paper_ci95_last'])}")
+        for _, r in part.iterrows():
+            row[f"ours, {r['optimizer_state']}: lambda=0"] = fmt(r["acc_lambda0"])
+        row["paper: lambda=0"] = fmt(first["paper_acc_lambda0"])
+        row["note"] = first["paper_note"]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -108,8 +132,8 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 TABLE1_CAPTION = (
-    "Best lambda and mean accuracy over all tasks after the last task (± 95% half-width over the final runs) "
-    "per architecture, importance method and EWC variant, beside the paper's numbers."
+    "Lambda and mean accuracy over all tasks after the last task (± 95% half-width over the final runs) "
+    "per architecture, importance method, EWC variant and optimizer state, beside the paper's numbers."
 )
 
 
@@ -117,14 +141,19 @@ def to_latex(table: pd.DataFrame) -> str:
     from ewcstab import latex
 
     notes = ("95% half-width: t(0.975, n-1) · std / sqrt(n), ddof 0. Diverged runs are counted and left out "
-             "of the accuracy. lambda=0: the same runs without the EWC penalty.")
+             "of the accuracy. lambda=0: the same runs without the EWC penalty. carried: each run starts from "
+             "the Adam state of the run before it, as the authors' scripts ran; fresh: a new optimizer per run. "
+             "gap: (ours - paper) / the paper's 95% half-width.")
     return latex.to_latex(display_table(table), TABLE1_CAPTION, "tab:continual", notes)
 
 
 def cmd_gather(args: argparse.Namespace) -> int:
-    parts = [gather_records(args.final, "final")]
-    if args.baseline:
-        parts.append(gather_records(args.baseline, "baseline"))
+    parts = [gather_records(paths, role) for paths, role in ((args.final, "final"), (args.baseline, "baseline"),
+                                                            (args.sweep, "sweep")) if paths]
+    if not parts:
+        from ewcstab.errors import ConfigError
+
+        raise ConfigError("gather: give run records with --final, --baseline or --sweep")
     write_text_atomic(args.out, pd.concat(parts, ignore_index=True).to_csv(index=False))
     return 0
 
@@ -149,8 +178,9 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("gather", help="run records (JSON) -> one long-format CSV")
-    g.add_argument("--final", nargs="+", required=True, help="run records of the final runs")
+    g.add_argument("--final", nargs="*", default=[], help="run records of the final runs")
     g.add_argument("--baseline", nargs="*", default=[], help="run records of the lambda = 0 baselines")
+    g.add_argument("--sweep", nargs="*", default=[], help="run records of lambda sweeps")
     g.add_argument("--out", required=True, help="CSV, one row per run and task")
     g.set_defaults(func=cmd_gather)
     t = sub.add_parser("table", help="Table 1: best lambda and accuracy per (arch, method, variant), paper beside")

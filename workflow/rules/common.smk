@@ -1,11 +1,14 @@
 # Input functions and helpers for every rule file. Paths spell out the experiment axes.
 
+from types import SimpleNamespace
+
 
 wildcard_constraints:
     arch="mlp|cnn|attention",
     method="fisher|mas|si|signal",
     variant="original|stabilized|clipped",
     seed=r"\d+",
+    state="fresh|carried",
     worker=r"\d+",
     importance_data="test|heldout",
 
@@ -15,27 +18,66 @@ RUN_CONFIG = "results/configs/{arch}.yaml"
 BEST_LAMBDA = "results/search/{arch}/{method}/{variant}/best_lambda.json"
 TRIALS = "results/search/{arch}/{method}/{variant}/trials.csv"
 SEARCH_WORKER = "results/search/{arch}/{method}/{variant}/workers/worker{worker}.json"
-FINAL_RUN = "results/runs/{arch}/{method}/{variant}/seed{seed}.json"
-BASELINE_RUN = "results/runs/{arch}/baseline/seed{seed}.json"
+FIXED_LAMBDA = "results/lambdas/{arch}/{method}/{variant}/fixed_lambda.json"
+FINAL_RUN = "results/runs/{arch}/{method}/{variant}/{state}/seed{seed}.json"
+BASELINE_RUN = "results/runs/{arch}/baseline/{state}/seed{seed}.json"
+SWEEP_RUN = "results/sweeps/{arch}/{method}/{variant}/{state}/lam{lam}/seed{seed}.json"
+SWEEP_TABLE = "results/tables/sweep_runs.csv"
 RUNS_TABLE = "results/tables/continual_runs.csv"
 TABLE1 = multiext("results/tables/table1_continual", ".csv", ".md", ".tex")
 
 
 def get_studies():
-    """(arch, method, variant) selected in config and given a lambda range in `space`."""
+    """(arch, method, variant) selected in config with a lambda range in `space` or a fixed lambda."""
     c = config["continual"]
     return [
         (a, m, v)
         for a in c["archs"]
         for m in c["methods"]
         for v in c["variants"]
-        if v in c["space"].get(a, {}).get(m, {})
+        if v in c["space"].get(a, {}).get(m, {}) or get_fixed_lambda(a, m, v) is not None
     ]
 
 
 def get_archs():
     """Architectures with at least one study."""
     return sorted({a for a, _, _ in get_studies()})
+
+
+def get_states():
+    """Optimizer states the final runs, baselines and sweeps are trained in (`continual.optimizer_states`)."""
+    return config["continual"].get("optimizer_states", ["fresh"])
+
+
+def get_search_state():
+    """The optimizer state of the search's runs: the first of `continual.optimizer_states`."""
+    return get_states()[0]
+
+
+def get_chain_length():
+    """Counted runs per carried chain (`continual.chain_length`)."""
+    return config["continual"].get("chain_length", 1)
+
+
+def get_state_flags(state):
+    """ewcstab flags of an optimizer state (the chain length only matters when carried)."""
+    return f"--optimizer-state {state} --chain-length {get_chain_length()}"
+
+
+def get_fixed_lambda(arch, method, variant):
+    """A lambda fixed in config (`continual.fixed_lambda`) for a study, or None (searched)."""
+    fixed = config["continual"].get("fixed_lambda", {})
+    return fixed.get(arch, {}).get(method, {}).get(variant)
+
+
+def get_lambda_file(wildcards):
+    """The JSON whose `best_lambda` the final runs use: a fixed lambda's file, else the search's result."""
+    path = (
+        FIXED_LAMBDA
+        if get_fixed_lambda(wildcards.arch, wildcards.method, wildcards.variant) is not None
+        else BEST_LAMBDA
+    )
+    return path.format(arch=wildcards.arch, method=wildcards.method, variant=wildcards.variant)
 
 
 def get_run_settings(wildcards):
@@ -114,16 +156,50 @@ def get_final_packs():
     """Final seeds in groups of `final.seeds_per_job`, each trained by one batched job
     (workflow/rules/final.smk); None when every seed is its own job (the default)."""
     size = config["continual"]["final"].get("seeds_per_job", 1)
+    check_chains("final.seeds_per_job", size)
     if size <= 1:
         return None
     seeds = list(get_final_seeds())
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
 
+def check_chains(key, seeds_per_job):
+    """Carried chains must not cross jobs: the chain length divides the seeds of a job."""
+    length = get_chain_length()
+    if "carried" in get_states() and seeds_per_job % length:
+        raise ValueError(
+            f"continual.{key}: {seeds_per_job} is not a multiple of continual.chain_length {length}; "
+            "a carried chain must be trained by one job"
+        )
+
+
+def get_sweeps():
+    """The lambda sweeps of `continual.sweeps` (arch, method, variant, lambdas, seeds)."""
+    sweeps = config["continual"].get("sweeps", [])
+    for sweep in sweeps:
+        check_chains("sweeps.seeds", sweep["seeds"])
+    return sweeps
+
+
+def get_sweep_records(wildcards=None):
+    """Every run of every sweep, in every optimizer state."""
+    return [
+        SWEEP_RUN.format(
+            arch=w["arch"], method=w["method"], variant=w["variant"], state=st,
+            lam=lam_label(lam), seed=s,
+        )
+        for w in get_sweeps()
+        for st in get_states()
+        for lam in w["lambdas"]
+        for s in range(w["seeds"])
+    ]
+
+
 def get_final_records(wildcards=None):
     return [
-        FINAL_RUN.format(arch=a, method=m, variant=v, seed=s)
+        FINAL_RUN.format(arch=a, method=m, variant=v, state=st, seed=s)
         for a, m, v in get_studies()
+        for st in get_states()
         for s in get_final_seeds()
     ]
 
@@ -132,25 +208,36 @@ def get_baseline_records(wildcards=None):
     if not config["continual"]["final"].get("baseline", True):
         return []
     return [
-        BASELINE_RUN.format(arch=a, seed=s)
+        BASELINE_RUN.format(arch=a, state=st, seed=s)
         for a in get_archs()
+        for st in get_states()
         for s in get_final_seeds()
     ]
 
 
+def get_searched_studies():
+    """The studies whose lambda is searched (not fixed in config)."""
+    return [(a, m, v) for a, m, v in get_studies() if get_fixed_lambda(a, m, v) is None]
+
+
 def get_best_lambda_files(wildcards=None):
+    """The lambda file of every study: the search's best_lambda.json, or the fixed lambda's file."""
     return [
-        BEST_LAMBDA.format(arch=a, method=m, variant=v) for a, m, v in get_studies()
+        get_lambda_file(SimpleNamespace(arch=a, method=m, variant=v))
+        for a, m, v in get_studies()
     ]
 
 
 def get_trials_files(wildcards=None):
-    return [TRIALS.format(arch=a, method=m, variant=v) for a, m, v in get_studies()]
+    return [
+        TRIALS.format(arch=a, method=m, variant=v) for a, m, v in get_searched_studies()
+    ]
 
 
 def get_all_targets():
     """Everything `snakemake` builds by default."""
-    return [*TABLE1, RUNS_TABLE, *get_trials_files()]
+    targets = [*TABLE1, RUNS_TABLE, *get_trials_files()]
+    return targets + ([SWEEP_TABLE] if get_sweeps() else [])
 
 
 def get_resources(kind):
@@ -169,6 +256,10 @@ TASK_CURVES_FIG = {
     "png": "results/figures/{arch}/task_curves.png",
     "pdf": "results/figures/{arch}/task_curves.pdf",
 }
+LAMBDA_SWEEP_FIG = {
+    "png": "results/figures/{arch}/lambda_sweep.png",
+    "pdf": "results/figures/{arch}/lambda_sweep.pdf",
+}
 SEARCH_TRIALS_FIG = {
     "png": "results/figures/{arch}/search_trials.png",
     "pdf": "results/figures/{arch}/search_trials.pdf",
@@ -185,17 +276,22 @@ REPORT_CONFIG = "results/report/configuration.html"
 
 
 def get_arch_trials_files(wildcards):
-    """trials.csv of every study of one arch."""
+    """trials.csv of every searched study of one arch."""
     return [
         TRIALS.format(arch=a, method=m, variant=v)
-        for a, m, v in get_studies()
+        for a, m, v in get_searched_studies()
         if a == wildcards.arch
     ]
 
 
 def get_provenance_records(wildcards=None):
-    """Every JSON record that carries provenance: final and baseline runs, search results."""
-    return [*get_final_records(), *get_baseline_records(), *get_best_lambda_files()]
+    """Every JSON record that carries provenance: final, baseline and sweep runs, search results."""
+    return [
+        *get_final_records(),
+        *get_baseline_records(),
+        *get_sweep_records(),
+        *[BEST_LAMBDA.format(arch=a, method=m, variant=v) for a, m, v in get_searched_studies()],
+    ]
 
 
 def get_pruning_scopes():
@@ -216,16 +312,21 @@ def get_configfiles():
 def get_report_tables():
     """Tables rendered as HTML pages for the report; pruning's only with a `pruning` section."""
     tables = ["table1_continual", "continual_runs", "provenance"]
-    return tables + (["pruning_thresholds"] if config.get("pruning") else [])
+    return tables + (["pruning_thresholds"] if pruning_enabled() else [])
 
 
 def get_report_targets():
     """Figures (PNG and PDF), provenance and the report's pages: `rule all` builds them."""
     targets = [*PROVENANCE, REPORT_CONFIG]
+    searched = {a for a, _, _ in get_searched_studies()}
+    swept = {w["arch"] for w in get_sweeps()}
     for arch in get_archs():
-        for fig in (LAMBDA_SEARCH_FIG, TASK_CURVES_FIG, SEARCH_TRIALS_FIG):
+        figs = [TASK_CURVES_FIG]
+        figs += [LAMBDA_SEARCH_FIG, SEARCH_TRIALS_FIG] if arch in searched else []
+        figs += [LAMBDA_SWEEP_FIG] if arch in swept else []
+        for fig in figs:
             targets += [f.format(arch=arch) for f in fig.values()]
-    if config.get("pruning"):
+    if pruning_enabled():
         targets += [
             f.format(scope=s)
             for s in get_pruning_scopes()
@@ -355,9 +456,19 @@ def get_trace_method(wildcards=None):
     return config["explosion"]["methods"][0]
 
 
+def explosion_enabled():
+    """The study runs when config has an `explosion` section with at least one arch."""
+    return bool(config.get("explosion", {}).get("archs"))
+
+
+def pruning_enabled():
+    """Section 4 runs when config has a `pruning` section with at least one arch."""
+    return bool(config.get("pruning", {}).get("archs"))
+
+
 def get_explosion_targets():
     """Tables, figures and report pages of the study; nothing without an `explosion` section."""
-    if not config.get("explosion"):
+    if not explosion_enabled():
         return []
     targets = [
         EXPLOSION_RUNS_TABLE,
@@ -409,7 +520,7 @@ def get_pruning_flags(wildcards):
 
 def get_pruning_targets():
     """Pruning tables, when config has a `pruning` section."""
-    if not config.get("pruning"):
+    if not pruning_enabled():
         return []
     return [
         PRUNING_CURVES_TABLE,

@@ -111,3 +111,30 @@ rule plot_pruning_curves:
         runtime=get_resources("aggregate").get("runtime", 10),
     script:
         "../scripts/plot_pruning_curves.py"
+
+
+rule plot_lambda_sweep:
+    input:
+        sweep=SWEEP_TABLE,
+        paper=config["paper_continual"],
+    output:
+        png=report(
+            LAMBDA_SWEEP_FIG["png"],
+            caption="../report/lambda_sweep.rst",
+            category="Sections 2-3: continual learning",
+            subcategory="{arch}",
+            labels={"figure": "accuracy vs lambda, fixed grid", "arch": "{arch}"},
+        ),
+        pdf=LAMBDA_SWEEP_FIG["pdf"],
+    log:
+        "logs/figures/{arch}/lambda_sweep.log",
+    benchmark:
+        "benchmarks/figures/{arch}/lambda_sweep.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=get_resources("aggregate").get("mem_mb", 2000),
+        runtime=get_resources("aggregate").get("runtime", 10),
+    script:
+        "../scripts/plot_lambda_sweep.py"

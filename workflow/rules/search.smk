@@ -26,11 +26,12 @@ rule tune_lambda:
         study_dir=get_study_dir,
         shared=get_shared_flag,
         batch=get_trials_per_batch_flag,
+        state=lambda w: get_state_flags(get_search_state()),
     shell:
         "ewcstab search --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
         " --variant {wildcards.variant} {params.flags} --storage {params.storage:q}"
         " --study-name {wildcards.arch}-{wildcards.method}-{wildcards.variant} {params.shared}"
-        " {params.batch} --runs-dir {params.study_dir}/runs --threads {threads} --no-progress"
+        " {params.batch} {params.state} --runs-dir {params.study_dir}/runs --threads {threads} --no-progress"
         " --worker-out {output} 2> {log}"
 
 
@@ -54,8 +55,9 @@ rule summarize_search:
     params:
         flags=get_search_flags,
         storage=get_storage,
+        state=lambda w: get_state_flags(get_search_state()),
     shell:
         "ewcstab search-summary --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
-        " --variant {wildcards.variant} {params.flags} --storage {params.storage:q}"
+        " --variant {wildcards.variant} {params.flags} {params.state} --storage {params.storage:q}"
         " --study-name {wildcards.arch}-{wildcards.method}-{wildcards.variant}"
         " --out {output.best} --trials-out {output.trials} 2> {log}"

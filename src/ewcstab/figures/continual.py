@@ -7,6 +7,12 @@
   with 95% bands over the final seeds, the lambda = 0 baseline, and the paper's curves dashed.
 - ``plot_search_trials``: Optuna's view of each study, objective against lambda coloured by trial
   number, so one sees where the sampler went and when.
+- ``plot_lambda_sweep``: mean accuracy after the last task against lambda on a fixed grid (the
+  workflow's sweeps), one line per optimizer state with 95% bands, its best lambda marked, and the
+  paper's best point.
+
+Optimizer states (fresh: a new optimizer per run; carried: the Adam state of the run before, as the
+authors' scripts ran) are told apart by line style and marker, variants by colour.
 
 Each function draws one architecture (``arch``; optional when the data hold only one) and
 returns the matplotlib Figure; nothing is saved (``style.save_figure`` does that).
@@ -26,7 +32,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ewcstab.figures import style
-from ewcstab.figures.tables import final_at_best, last_task_rows, paper_task_curves, task_curves
+from ewcstab.figures.tables import STATE, final_at_best, last_task_rows, paper_task_curves, task_curves
 from ewcstab.metrics import mean_ci95
 
 ACC_LABEL = "mean test accuracy after the last task"
@@ -37,6 +43,10 @@ BOTTOM = 0.03
 LINE_WIDTHS = {"original": 2.6, "stabilized": 1.4}
 #: Legend entries of plot_lambda_search that are marker kinds, not variants.
 _KINDS = {"complete", "pruned", "diverged", "final", "paper", "baseline"}
+#: Line style and marker of each optimizer state (the paper's curves are dashed).
+STATE_STYLES = {"carried": ("-", "o"), "fresh": (":", "^")}
+STATE_NAMES = {"carried": "Adam state carried from the run before (as the authors ran)",
+               "fresh": "fresh Adam per run"}
 
 
 def pick_arch(df: pd.DataFrame, arch: str | None, what: str) -> str:
@@ -94,12 +104,11 @@ def plot_lambda_search(
     methods = style.ordered(t["method"].unique(), style.METHODS)
     fig, axes = style.new_panels(len(methods), sharey=True)
     finals = final_at_best(runs[runs["arch"] == arch]) if runs is not None else pd.DataFrame()
-    base = None
+    bases: dict[str, tuple[float, float]] = {}
     if runs is not None:
-        base_rows = runs[(runs["arch"] == arch) & (runs["role"] == "baseline")]
-        if len(base_rows):
-            last = last_task_rows(base_rows, "baseline")
-            base = mean_ci95(last.loc[~last["diverged"].astype(bool), "mean_acc"].dropna().to_numpy())
+        last = last_task_rows(runs[runs["arch"] == arch], "baseline")
+        for state, part in last.groupby(STATE):
+            bases[state] = mean_ci95(part.loc[~part["diverged"].astype(bool), "mean_acc"].dropna().to_numpy())
     used: set[str] = set()
     for ax, method in zip(axes, methods):
         tm = t[t["method"] == method]
@@ -109,16 +118,20 @@ def plot_lambda_search(
             used |= _draw_trials(ax, tm[tm["variant"] == variant], c)
             if len(finals):
                 f = finals[(finals["method"] == method) & (finals["variant"] == variant)]
-                used |= _draw_points(ax, f["lam"], f["mean_acc"], f["ci95"], "D", 7, c, "final")
+                for state, fs in f.groupby(STATE):
+                    drawn = _draw_points(ax, fs["lam"], fs["mean_acc"], fs["ci95"], STATE_STYLES[state][1], 7, c,
+                                         "final")
+                    used |= drawn | ({f"final {state}"} if drawn else set())
             if table1 is not None and "paper_best_lambda" in table1:
                 p = table1[(table1["arch"] == arch) & (table1["method"] == method) & (table1["variant"] == variant)]
                 used |= _draw_points(ax, p["paper_best_lambda"], p["paper_mean_acc_last"], p["paper_ci95_last"],
                                      "*", 13, c, "paper")
-        if base is not None and _finite(base[0]):
-            ax.axhline(base[0], color=style.BASELINE_COLOR, ls=":", lw=1.5, zorder=1)
-            if _finite(base[1]):
-                ax.axhspan(base[0] - base[1], base[0] + base[1], color=style.BASELINE_COLOR, alpha=0.12, lw=0)
-            used.add("baseline")
+        for state, base in bases.items():
+            if _finite(base[0]):
+                ax.axhline(base[0], color=style.BASELINE_COLOR, ls=STATE_STYLES[state][0], lw=1.5, zorder=1)
+                if _finite(base[1]):
+                    ax.axhspan(base[0] - base[1], base[0] + base[1], color=style.BASELINE_COLOR, alpha=0.12, lw=0)
+                used |= {"baseline", f"baseline {state}"}
         style.log_axis(ax)
         ax.set_title(style.METHOD_NAMES.get(method, method))
         ax.set_xlabel(LAMBDA_LABEL)
@@ -172,8 +185,15 @@ def _legend(fig: Figure, used: set[str]) -> None:
         ("paper", Line2D([], [], ls="", marker="*", ms=11, color=grey, mec="black", label="paper: best λ, accuracy ± 95% CI")),
         ("baseline", Line2D([], [], ls=":", lw=1.5, color=style.BASELINE_COLOR, label="λ = 0, final seeds: mean ± 95% CI")),
     ]
-    handles = variants + [h for k, h in kinds if k in used]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize="small")
+    handles = variants + [h for k, h in kinds if k in used and k not in ("final", "baseline")]
+    for state, (ls, marker) in STATE_STYLES.items():
+        if f"final {state}" in used:
+            handles.append(Line2D([], [], ls="", marker=marker, color=grey, mec="black",
+                                  label=f"final runs at chosen λ, {state}: mean ± 95% CI"))
+        if f"baseline {state}" in used:
+            handles.append(Line2D([], [], ls=ls, lw=1.5, color=style.BASELINE_COLOR,
+                                  label=f"λ = 0, {state}: mean ± 95% CI"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize="small")
 
 
 
@@ -197,18 +217,21 @@ def plot_task_curves(runs: pd.DataFrame, paper: pd.DataFrame | None = None, arch
     used: set[str] = set()
     for ax, method in zip(axes, methods):
         lams = []
-        if len(base):
-            _line_band(ax, base, style.BASELINE_COLOR, "-", "o", alpha=0.12)
+        for state, part in base.groupby(STATE):
+            _line_band(ax, part, style.BASELINE_COLOR, STATE_STYLES[state][0], STATE_STYLES[state][1], alpha=0.12)
             used.add("baseline")
         for variant in style.ordered(curves.loc[curves["method"] == method, "variant"].unique(), style.VARIANTS):
             c = style.color_of(variant, style.VARIANT_COLORS)
             cv = curves[(curves["method"] == method) & (curves["variant"] == variant)]
-            _line_band(ax, cv, c, "-", "o", lw=LINE_WIDTHS.get(variant, 1.8))
-            used.add(variant)
+            for state, part in cv.groupby(STATE):
+                ls, marker = STATE_STYLES[state]
+                _line_band(ax, part, c, ls, marker, lw=LINE_WIDTHS.get(variant, 1.8))
+                used |= {variant, f"state {state}"}
+                if part["n_diverged"].iloc[0]:
+                    ax.text(0.02, 0.02 + 0.07 * (len(lams) + 1),
+                            f"{variant}, {state}: {part['n_diverged'].iloc[0]} diverged runs left out",
+                            transform=ax.transAxes, fontsize="x-small", color=c)
             lams.append(f"{variant} {cv['lam'].iloc[0]:.3g}")
-            if cv["n_diverged"].iloc[0]:
-                ax.text(0.02, 0.02 + 0.07 * len(lams), f"{variant}: {cv['n_diverged'].iloc[0]} diverged runs left out",
-                        transform=ax.transAxes, fontsize="x-small", color=c)
             if ref is not None:
                 pv = ref[(ref["method"] == method) & (ref["variant"] == variant)]
                 if len(pv):
@@ -227,10 +250,13 @@ def plot_task_curves(runs: pd.DataFrame, paper: pd.DataFrame | None = None, arch
             ax.set_ylabel("mean test accuracy on tasks 1..t")
     fig.suptitle(f"Accuracy after each task at the chosen λ: {_arch_title(arch, _n_tasks(runs, arch))}")
     grey = "#444444"
-    handles = [Line2D([], [], color=style.color_of(v, style.VARIANT_COLORS), marker="o", label=f"ours: {v}, mean ± 95% CI")
-               for v in style.ordered(used - {"baseline", "paper", "paper0"}, style.VARIANTS)]
+    variants = {u for u in used if u in style.VARIANTS}
+    handles = [Line2D([], [], color=style.color_of(v, style.VARIANT_COLORS), lw=3, label=f"ours: {v}, mean ± 95% CI")
+               for v in style.ordered(variants, style.VARIANTS)]
+    handles += [Line2D([], [], color=grey, ls=ls, marker=marker, label=f"ours, {STATE_NAMES[state]}")
+                for state, (ls, marker) in STATE_STYLES.items() if f"state {state}" in used]
     if "baseline" in used:
-        handles.append(Line2D([], [], color=style.BASELINE_COLOR, marker="o", label="ours: λ = 0 (no penalty)"))
+        handles.append(Line2D([], [], color=style.BASELINE_COLOR, lw=3, label="ours: λ = 0 (no penalty)"))
     if "paper" in used:
         handles.append(Line2D([], [], color=grey, ls="--", label="paper, its best λ (20 runs)"))
     if "paper0" in used:
@@ -308,4 +334,55 @@ def plot_search_trials(trials: pd.DataFrame, arch: str | None = None, cmap: str 
     ]
     handles = [h for k, h in kinds if k in used]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize="small")
+    return fig
+
+
+def plot_lambda_sweep(sweep: pd.DataFrame, paper: pd.DataFrame | None = None, arch: str | None = None) -> Figure:
+    """Accuracy after the last task against lambda on a fixed grid, one panel per swept (method, variant).
+
+    ``sweep``: the gathered sweep runs (``sweep_runs.csv``, role ``sweep``); one line per optimizer state,
+    mean ± 95% band over the seeds at each lambda (diverged runs left out and counted), its best lambda
+    (highest mean) marked with a ring and named in the legend. ``paper``: ``paper_continual.csv``; the
+    paper's best lambda and accuracy ± 95% CI as a star. Lambda 0 cannot sit on the log axis: a sweep's
+    lambda = 0 point is drawn as a horizontal line.
+    """
+    arch = pick_arch(sweep, arch, "sweep runs")
+    points = final_at_best(sweep[sweep["arch"] == arch], role="sweep", by=("lam",))
+    studies = list(points.groupby(["method", "variant"], sort=False).groups)
+    studies.sort(key=lambda k: (style.METHODS.index(k[0]) if k[0] in style.METHODS else 99,
+                                style.VARIANTS.index(k[1]) if k[1] in style.VARIANTS else 99))
+    fig, axes = style.new_panels(len(studies), panel=(4.6, 3.4), sharey=True)
+    for ax, (method, variant) in zip(axes, studies):
+        c = style.color_of(variant, style.VARIANT_COLORS)
+        handles = []
+        part = points[(points["method"] == method) & (points["variant"] == variant)]
+        for state, ps in part.groupby(STATE):
+            ls, marker = STATE_STYLES[state]
+            ps = ps.sort_values("lam")
+            pos, zero = ps[ps["lam"] > 0], ps[ps["lam"] == 0]
+            x, m, h = pos["lam"].to_numpy(), pos["mean_acc"].to_numpy(float), pos["ci95"].to_numpy(float)
+            ax.plot(x, m, ls=ls, marker=marker, ms=4, color=c, lw=1.6)
+            if np.isfinite(h).any():
+                ax.fill_between(x, m - h, m + h, color=c, alpha=0.15, lw=0)
+            for _, z in zero.iterrows():
+                ax.axhline(z["mean_acc"], color=style.BASELINE_COLOR, ls=ls, lw=1.2)
+            best = ps.loc[ps["mean_acc"].idxmax()]
+            ax.plot(best["lam"], best["mean_acc"], "o", ms=12, mfc="none", mec=c, mew=1.5)
+            diverged = int(ps["n_diverged"].sum())
+            note = f", {diverged} diverged runs left out" if diverged else ""
+            handles.append(Line2D([], [], color=c, ls=ls, marker=marker,
+                                  label=f"{state}: best λ {best['lam']:.3g} ({best['mean_acc']:.4f}){note}"))
+        if paper is not None:
+            p = paper[(paper["arch"] == arch) & (paper["method"] == method) & (paper["variant"] == variant)]
+            if _draw_points(ax, p["best_lambda"], p["mean_acc_last"], p["ci95_last"], "*", 13, c, "paper"):
+                handles.append(Line2D([], [], ls="", marker="*", ms=11, color=c, mec="black",
+                                      label="paper: best λ, accuracy ± 95% CI"))
+        style.log_axis(ax)
+        ax.set_title(f"{style.METHOD_NAMES.get(method, method)}, {variant}")
+        ax.set_xlabel(LAMBDA_LABEL)
+        style.percent_axis(ax.yaxis)
+        if style.first_in_row(ax):
+            ax.set_ylabel(ACC_LABEL)
+        ax.legend(handles=handles, loc="lower left", fontsize="x-small")
+    fig.suptitle(f"Accuracy against λ on a fixed grid: {_arch_title(arch, _n_tasks(sweep, arch))}")
     return fig

@@ -18,6 +18,8 @@ import pandas as pd
 from ewcstab.metrics import mean_ci95
 
 STUDY = ["arch", "method", "variant"]
+#: The optimizer state column of the runs table (fresh | carried; tables written before it: fresh).
+STATE = "optimizer_state"
 PRUNING_GROUP = ["arch", "importance_data", "importance", "scope"]
 #: Where the workflow writes each table, relative to the results folder.
 RUNS_CSV = "tables/continual_runs.csv"
@@ -58,29 +60,39 @@ def find_trials(results: str | Path) -> list[Path]:
     return sorted(Path(results).glob(TRIALS_GLOB))
 
 
+def with_state(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs table with its optimizer state column (older tables: every run fresh)."""
+    return runs if STATE in runs else runs.assign(**{STATE: "fresh"})
+
+
 def last_task_rows(runs: pd.DataFrame, role: str) -> pd.DataFrame:
-    """One row per run of ``role`` (final | baseline): its mean accuracy after its last task."""
-    sel = runs[(runs["role"] == role) & (runs["after_task"] == runs["n_tasks"])]
+    """One row per run of ``role`` (final | baseline | sweep): its mean accuracy after its last task."""
+    sel = with_state(runs)
+    sel = sel[(sel["role"] == role) & (sel["after_task"] == sel["n_tasks"])]
     return sel.copy()
 
 
-def final_at_best(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per study: lambda of the final runs, runs, diverged runs, mean accuracy after the last task and
-    its 95% half-width over the runs that did not diverge."""
+def final_at_best(runs: pd.DataFrame, role: str = "final", by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Per study and optimizer state (and the columns ``by``, e.g. lam for a sweep): lambda of the runs,
+    runs, diverged runs, mean accuracy after the last task and its 95% half-width over the runs that did
+    not diverge."""
+    keys = [*STUDY, STATE, *by]
     rows = []
-    for key, part in last_task_rows(runs, "final").groupby(STUDY, sort=True):
+    for key, part in last_task_rows(runs, role).groupby(keys, sort=True):
         ok = part[~part["diverged"].astype(bool)]
         mean, half = mean_ci95(ok["mean_acc"].dropna().to_numpy())
-        rows.append({**dict(zip(STUDY, key)), "lam": float(part["lam"].iloc[0]), "n_runs": len(part),
+        rows.append({**dict(zip(keys, key)), "lam": float(part["lam"].iloc[0]), "n_runs": len(part),
                      "n_diverged": int(part["diverged"].astype(bool).sum()), "mean_acc": mean, "ci95": half})
-    return pd.DataFrame(rows, columns=[*STUDY, "lam", "n_runs", "n_diverged", "mean_acc", "ci95"])
+    return pd.DataFrame(rows, columns=[*dict.fromkeys([*keys, "lam"]), "n_runs", "n_diverged", "mean_acc", "ci95"])
 
 
 def task_curves(runs: pd.DataFrame, role: str = "final") -> pd.DataFrame:
     """Mean accuracy after each task with its 95% half-width over the runs of ``role`` that did not
-    diverge (columns arch, method, variant, lam, after_task, n_runs, n_diverged, mean_acc, ci95)."""
+    diverge, per study (the baseline: per arch) and optimizer state (columns arch, method, variant,
+    optimizer_state, lam, after_task, n_runs, n_diverged, mean_acc, ci95)."""
+    runs = with_state(runs)
     sel = runs[runs["role"] == role]
-    keys = ["arch"] if role == "baseline" else STUDY
+    keys = ["arch", STATE] if role == "baseline" else [*STUDY, STATE]
     rows = []
     for key, part in sel.groupby(keys, sort=True):
         key = key if isinstance(key, tuple) else (key,)
