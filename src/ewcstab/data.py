@@ -271,8 +271,10 @@ def prepare_dataset(dataset: str, root: Path, download: bool, known: dict[str, d
     check every file (``read_split``) and identify the files by sha256 (``identify_files``).
 
     Returns the manifest the workflow's training jobs depend on: dataset, absolute root, source and what it
-    means, and per file its path under the root, sha256, size and item count.
+    means, sample counts, per file its path under the root, sha256 and size, and provenance.
     """
+    from ewcstab import provenance
+
     if dataset not in DATASETS:
         raise DataError(f"dataset: {dataset!r} is not known; allowed: {', '.join(DATASETS)}")
     root = Path(root)
@@ -296,6 +298,7 @@ def prepare_dataset(dataset: str, root: Path, download: bool, known: dict[str, d
         "downloaded": fetched,
         "samples": counts,
         "files": {rel: {"sha256": digest, "bytes": (root / rel).stat().st_size} for rel, digest in digests.items()},
+        "provenance": provenance.collect(torch.device("cpu"), digests, str(root.resolve())),
     }
 
 
