@@ -1,5 +1,9 @@
 # Input functions and helpers for every rule file. Paths spell out the experiment axes.
 
+# The workflow's own folder, for envs/ewcstab.post-deploy.sh (it installs the package from here when
+# `--sdm conda` creates the environment; Snakemake's working directory may be elsewhere).
+os.environ["EWCSTAB_WORKFLOW_DIR"] = os.path.realpath(workflow.basedir)
+
 
 wildcard_constraints:
     arch="mlp|cnn|attention",
