@@ -131,6 +131,19 @@ def test_default_config_lists_the_whole_paper_reproduction(workdir):
     assert counts["fetch_dataset"] == 2  # MNIST and Fashion-MNIST, once each
 
 
+def test_demo_config_plans_the_quick_start(workdir):
+    """README quick start: MAS at the paper's lambdas (one-point grids), 3 seeds each, 3 at lambda = 0."""
+    proc = subprocess.run([*SNAKEMAKE, "-n", "results/tables/table1_continual.md", "--cores", "1",
+                           "--configfile", "config/demo.yaml"], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.MULTILINE)}
+    assert counts == {"fetch_dataset": 1, "write_run_config": 1, "tune_lambda": 2, "summarize_search": 2,
+                      "train_final": 6, "train_baseline": 3, "gather_runs": 1, "make_table1": 1, "total": 17}
+    assert "--low 4.5 --high 4.5 --grid-n 1" in out and "--low 8.5 --high 8.5 --grid-n 1" in out
+
+
 def test_dry_run_shows_the_data_stage_before_any_training(workdir):
     proc = subprocess.run([*SNAKEMAKE, "-n", "-p", "--cores", "1", "--configfile", "config/quick.yaml", "tiny.yaml"],
                           cwd=workdir, capture_output=True, text=True, timeout=300)
