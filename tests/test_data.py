@@ -112,7 +112,7 @@ def listed(root: Path, dataset: str = "mnist", source: str = "official") -> dict
 
 def test_intact_synthetic_files_load_and_are_identified(tmp_path):
     write_dataset(tmp_path)
-    x, y = load_split("mnist", tmp_path, train=True, download=False)
+    x, y = load_split("mnist", str(tmp_path), train=True, download=False)  # a root given as str works too
     assert x.shape == (12, 1, 28, 28) and y.tolist() == [i % 10 for i in range(12)]
     manifest = prepare_dataset("mnist", tmp_path, download=False, known=listed(tmp_path))
     assert manifest["source"] == "official" and manifest["official"] and manifest["samples"] == {"train": 12,

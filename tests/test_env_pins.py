@@ -77,7 +77,8 @@ def test_torch_comes_from_conda_forge_in_the_rule_env():
     env = yaml.safe_load((REPO / "envs" / "ewcstab.yaml").read_text())
     assert env["channels"][0] == "conda-forge"
     assert {"pytorch=2.14.1", "torchvision=0.29.1"} <= set(d for d in env["dependencies"] if isinstance(d, str))
-    assert not [d for d in env["dependencies"] if isinstance(d, dict)], "no pip section: the post-deploy installs ewcstab"
+    pip_sections = [d for d in env["dependencies"] if isinstance(d, dict)]
+    assert not pip_sections, "no pip section: the post-deploy script installs ewcstab"
 
 
 def test_all_requirements_are_exact_pins():

@@ -84,14 +84,14 @@ def resolve_data_root(configured: str | None = None) -> Path:
     return Path(configured or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT).expanduser()
 
 
-def raw_files(dataset: str, root: Path) -> list[Path]:
-    return [root / DATASETS[dataset] / "raw" / name for name in _RAW_FILES]
+def raw_files(dataset: str, root: Path | str) -> list[Path]:
+    return [Path(root) / DATASETS[dataset] / "raw" / name for name in _RAW_FILES]
 
 
-def _split_files(dataset: str, root: Path, train: bool) -> tuple[Path, Path]:
+def _split_files(dataset: str, root: Path | str, train: bool) -> tuple[Path, Path]:
     """(images, labels) of one split."""
     prefix = "train" if train else "t10k"
-    folder = root / DATASETS[dataset] / "raw"
+    folder = Path(root) / DATASETS[dataset] / "raw"
     return folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"
 
 
@@ -156,13 +156,13 @@ def read_split(dataset: str, root: Path, train: bool) -> tuple[Tensor, Tensor]:
     return images, labels.long()
 
 
-def load_split(dataset: str, root: Path, train: bool, download: bool = True) -> tuple[Tensor, Tensor]:
+def load_split(dataset: str, root: Path | str, train: bool, download: bool = True) -> tuple[Tensor, Tensor]:
     """One split as (x: (N, 1, 28, 28) float32 in [0, 1], y: (N,) int64) on the CPU.
 
     Missing files are downloaded first when ``download`` is true (``fetch_dataset``); the workflow's
     training jobs run with ``download: false`` and read what its data stage verified.
     """
-    x_u8, y = _load_split_uint8(dataset, root, train, download)
+    x_u8, y = _load_split_uint8(dataset, Path(root), train, download)
     return x_u8.unsqueeze(1).float().div_(255.0), y
 
 

@@ -2,7 +2,7 @@
 
 # The workflow's own folder, for envs/ewcstab.post-deploy.sh (it installs the package from here when
 # `--sdm conda` creates the environment; Snakemake's working directory may be elsewhere).
-os.environ["EWCSTAB_WORKFLOW_DIR"] = os.path.realpath(workflow.basedir)
+os.environ.update(EWCSTAB_WORKFLOW_DIR=os.path.realpath(workflow.basedir))
 
 
 wildcard_constraints:

@@ -8,9 +8,9 @@ from ewcstab.errors import UserError
 from ewcstab.io import write_json_atomic
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake injects this object)
-dataset = snakemake.wildcards.dataset  # noqa: F821
+dataset, params = snakemake.wildcards.dataset, snakemake.params  # noqa: F821
 try:
-    manifest = prepare_dataset(dataset, resolve_data_root(snakemake.params.root), snakemake.params.download)  # noqa: F821
+    manifest = prepare_dataset(dataset, resolve_data_root(params.root), params.download)
 except UserError as err:
     for stream in (sys.stderr, sys.__stderr__):  # the log, and the terminal running Snakemake
         print(f"ewcstab: {err}", file=stream, flush=True)
