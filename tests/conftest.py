@@ -22,6 +22,30 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 torch.set_num_threads(1)
 
 
+# Groups that change the machine or download gigabytes run only when asked for by name; the README's test
+# command (`pytest -m "not slow"`) shows them as skipped with the option that runs them.
+OPT_IN = {
+    "slurm": ("--run-slurm", "installs and starts a one-node SLURM cluster as root (apt-get: slurm-wlm, munge, "
+                             "mariadb-server; daemons)"),
+    "conda": ("--run-conda", "creates the conda environment envs/ewcstab.yaml (downloads about 2 GB)"),
+}
+
+
+def pytest_addoption(parser):
+    for marker, (option, what) in OPT_IN.items():
+        parser.addoption(option, action="store_true", help=f"run the '{marker}' tests: {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for marker, (option, what) in OPT_IN.items():
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"opt-in group '{marker}' ({what}): run with {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """MNIST/Fashion-MNIST root from $EWCSTAB_DATA; CI must have it, elsewhere the test is skipped."""

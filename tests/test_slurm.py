@@ -2,10 +2,11 @@
 
 `.ci/slurm/up.sh` installs Debian's slurm-wlm, munge, slurmdbd and mariadb-server when they are
 missing and starts munged, a private MariaDB, slurmdbd, slurmctld and slurmd with their state in a
-temporary folder (README, "Running on a SLURM cluster"); `.ci/slurm/down.sh` stops them again in a
+temporary folder (docs/cluster.md, "The SLURM test"); `.ci/slurm/down.sh` stops them again in a
 finalizer. The workflow then runs with `--profile profiles/slurm` on the quick config with
 tests/workflow_tiny.yaml and a one-study, one-seed layer on top (Table 1 and every stage before
-it: seven jobs), in a copy of the workflow whose profile names the partition up.sh created (`main`,
+it: eight jobs, of which search, final and baseline runs are submitted and the data stage and the small
+table rules run on the submitting machine as localrules), in a copy of the workflow whose profile names the partition up.sh created (`main`,
 as shipped).
 
 Real accounting (slurmdbd + MariaDB) rather than `slurm-status-command: squeue`: the profile's
@@ -17,10 +18,12 @@ the run below has a hard timeout for that reason (the Snakemake process group is
 Jobs run `ewcstab` from the virtual environment: the plugin submits with `sbatch --export=ALL`, so
 the PATH given to Snakemake here (the interpreter's bin folder first) is the PATH inside the jobs.
 
-Needs root, Linux and apt-get (or SLURM already installed); skipped otherwise, except under CI
+An opt-in group: it changes the machine (packages, daemons), so it runs only when asked for by name,
+`python -m pytest --run-slurm -m slurm` (tests/conftest.py); the README's test command shows it as
+skipped. Needs root, Linux and apt-get (or SLURM already installed); skipped otherwise, except under CI
 (environment variable CI set), where a missing prerequisite fails the test. Takes about 3.5
-minutes on 2 cores (cluster up 13 s, workflow 3 min: six scheduling rounds of about 30 s each,
-down 5 s), plus about 40 s to install the packages on a fresh machine.
+minutes on 2 cores (cluster up 13 s, workflow about 3 min, down 5 s), plus about 40 s to install the
+packages on a fresh machine.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ PARTITION = "main"  # the partition profiles/slurm names; up.sh creates it
 RUN_TIMEOUT = 480  # seconds for the whole workflow through SLURM (a hung status check fails here)
 UP_TIMEOUT = 900  # seconds for up.sh, package installs included
 # On top of config/quick.yaml + tests/workflow_tiny.yaml: one study of one trial and one final
-# seed, one at a time (the single-run path; the tiny workflow itself runs batched), so the run stays short on 2 cores while each stage still runs as its own SLURM job.
-# Table 1 pulls in every stage of the paper's reproduction (run config, search workers, search
-# summary, final and baseline runs, gathering, table): six scheduling rounds. The figure and report
+# seed, one at a time (the single-run path; the tiny workflow itself runs batched), so the run stays short on
+# 2 cores while each training stage still runs as its own SLURM job. Table 1 pulls in every stage of the
+# paper's reproduction (data, run config, search workers, search summary, final and baseline runs,
+# gathering, table); the search worker, then the final and baseline runs, are submitted. The figure and report
 # rules of the default target are left to tests/test_workflow.py, to keep this test short.
 TARGETS = ["results/tables/table1_continual.csv", "results/tables/table1_continual.md"]
 ONE_STUDY = """\
@@ -191,9 +195,11 @@ def test_quick_workflow_runs_through_slurm(slurm_cluster, slurm_workdir, job_env
     stats = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\ntotal\s+(\d+)", log, re.S)
     assert stats, log[:3000]
     rules = {line.split()[0] for line in stats.group(1).splitlines() if line.strip()}
-    local_rules = set(re.findall(r"^localrule (\w+):", log, re.M))  # no command: run by Snakemake itself
+    local_rules = set(re.findall(r"^localrule (\w+):", log, re.M))  # run by Snakemake itself, not submitted
     submitted_rules = rules - local_rules
-    assert {"write_run_config", "train_final", "train_baseline", "gather_runs", "make_table1"} <= submitted_rules
+    assert {"tune_lambda", "train_final", "train_baseline"} <= submitted_rules
+    # the data stage (it may need the internet) and the small table rules stay on the submitting machine
+    assert {"fetch_dataset", "write_run_config", "summarize_search", "gather_runs", "make_table1"} <= local_rules
     n_local = len(re.findall(r"^localrule \w+:", log, re.M))
     assert len(job_ids) == len(set(job_ids)) == int(stats.group(2)) - n_local, (job_ids, stats.group(0))
     for job_id in job_ids:

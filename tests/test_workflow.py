@@ -128,6 +128,55 @@ def test_default_config_lists_the_whole_paper_reproduction(workdir):
     assert counts["tune_lambda"] == 14 and counts["summarize_search"] == 14
     assert counts["train_final"] == 280
     assert counts["train_baseline"] == 40
+    assert counts["fetch_dataset"] == 2  # MNIST and Fashion-MNIST, once each
+
+
+def test_demo_config_plans_the_quick_start(workdir):
+    """README quick start: MAS at the paper's lambdas (one-point grids), 3 seeds each, 3 at lambda = 0."""
+    proc = subprocess.run([*SNAKEMAKE, "-n", "results/tables/table1_continual.md", "--cores", "1",
+                           "--configfile", "config/demo.yaml"], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.MULTILINE)}
+    assert counts == {"fetch_dataset": 1, "write_run_config": 1, "tune_lambda": 2, "summarize_search": 2,
+                      "train_final": 6, "train_baseline": 3, "gather_runs": 1, "make_table1": 1, "total": 17}
+    assert "--low 4.5 --high 4.5 --grid-n 1" in out and "--low 8.5 --high 8.5 --grid-n 1" in out
+
+
+def test_dry_run_shows_the_data_stage_before_any_training(workdir):
+    proc = subprocess.run([*SNAKEMAKE, "-n", "-p", "--cores", "1", "--configfile", "config/quick.yaml", "tiny.yaml"],
+                          cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, re.M)
+    names = [name for name, _ in jobs]
+    fetches = [body for name, body in jobs if name == "fetch_dataset"]
+    assert sorted(re.search(r"output: (\S+)", b).group(1) for b in fetches) == [
+        "results/data/fmnist.json", "results/data/mnist.json"]  # one job per dataset
+    first_training = min(i for i, n in enumerate(names) if n.startswith(("train", "tune", "prune", "trace")))
+    assert max(i for i, n in enumerate(names) if n == "fetch_dataset") < first_training, names
+    # training reads the run settings, which come from the data stage's manifests
+    config_job = dict(jobs)["write_run_config"]
+    assert "results/data/mnist.json" in re.search(r"input: (.*)", config_job).group(1)
+
+
+def test_a_wrong_data_root_fails_in_the_data_job_and_creates_nothing(workdir):
+    root = workdir / "mistyped" / "root"
+    (workdir / "wrong_root.yaml").write_text(f"data_root: {root}\ndownload: true\n")
+    proc = subprocess.run(
+        [*SNAKEMAKE, "results/runs/mlp/baseline/seed0.json", "--cores", "2", "--configfile", "config/quick.yaml",
+         "tiny.yaml", "wrong_root.yaml"], cwd=workdir, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "EWCSTAB_DATA": "", "no_proxy": "", "https_proxy": "http://127.0.0.1:9",
+             "http_proxy": "http://127.0.0.1:9"},  # nothing can be fetched
+    )
+    assert proc.returncode != 0
+    log = (workdir / "logs" / "data" / "mnist.log").read_text().strip().splitlines()
+    assert len(log) == 1 and log[0].startswith(f"ewcstab: MNIST: not under data root '{root}'"), log
+    assert "Error in rule fetch_dataset" in proc.stdout + proc.stderr
+    assert not (workdir / "mistyped").exists()
+    assert not (workdir / "results" / "data" / "mnist.json").exists()
+    assert "rule train_baseline" not in proc.stdout + proc.stderr
 
 
 def test_lint_and_format_are_clean():

@@ -9,15 +9,26 @@ ddof = 0, as the paper), runs, diverged runs, the lambda = 0 baseline in the sam
 per-task curve, the paper's numbers from its reference CSV and the gap to them in units of the
 paper's 95% half-width, (ours - paper) / paper's half-width; a note says where the paper has no
 number. The Markdown and LaTeX tables show one column per optimizer state beside the paper's.
+
+Every record is checked before it is counted (``load_record``, ``load_records``): complete JSON, the run-record
+schema and keys, a config that agrees with the record's path (``results/runs/{arch}/{method}/{variant}/
+{state}/seed{seed}.json``, ``.../{arch}/baseline/{state}/seed{seed}.json``: a record copied over another's path is caught), and
+each run gathered once. A bad record stops the gathering with a ``DataError`` naming its file, so no table is
+built from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from ewcstab.config import ARCHS, METHODS, OPTIMIZER_STATES, OPTIMIZERS, VARIANTS
+from ewcstab.errors import DataError
 from ewcstab.io import read_json, write_text_atomic
 from ewcstab.metrics import mean_ci95
 
@@ -25,12 +36,102 @@ KEYS = ["arch", "method", "variant"]
 #: Optimizer states in the order Table 1 shows them; records without the field are fresh.
 STATES = ("carried", "fresh")
 
+#: Every run record has these keys (``ewcstab.train.record``), and its config these.
+RECORD_SCHEMA = "ewcstab.run/"
+RECORD_KEYS = ("schema", "config", "seed", "tasks", "acc_matrix", "mean_acc_after_task", "final_mean_acc",
+               "diverged", "train_seconds", "provenance")
+RECORD_CONFIG_KEYS = ("arch", "sequence", "method", "variant", "lam", "seed")
+
+#: Path segments that name an axis of the run: folder name -> (config key, value).
+_AXIS_FOLDERS = {
+    **{a: ("arch", a) for a in ARCHS}, **{m: ("method", m) for m in METHODS},
+    **{v: ("variant", v) for v in VARIANTS}, **{o: ("optimizer", o) for o in OPTIMIZERS},
+    **{s: ("optimizer_state", s) for s in OPTIMIZER_STATES}, "baseline": ("lam", 0.0),
+}
+_SEED = re.compile(r"(?:trial\d+_)?seed(\d+)")
+_LAM = re.compile(r"lam([0-9][0-9.e+-]*)")
+
+
+def path_axes(path: str | Path) -> dict[str, Any]:
+    """The run axes a record's path names, read from its end (``seed1``, ``original``, ``mas``, ``mlp``...) up
+    to the first folder that names none (``runs``), so folders above the results never count."""
+    parts = [*Path(path).parent.parts, Path(path).stem]
+    axes: dict[str, Any] = {}
+    for part in reversed(parts):
+        if (m := _SEED.fullmatch(part)) and "seed" not in axes:
+            axes["seed"] = int(m.group(1))
+        elif (m := _LAM.fullmatch(part)) and "lam" not in axes:
+            try:
+                axes["lam"] = float(m.group(1))
+            except ValueError:
+                break
+        elif part in _AXIS_FOLDERS and _AXIS_FOLDERS[part][0] not in axes:
+            key, value = _AXIS_FOLDERS[part]
+            axes[key] = value
+        else:
+            break
+    return axes
+
+
+def load_record(path: str | Path) -> dict[str, Any]:
+    """A run record, checked: complete JSON, the run-record schema and keys, and a config that agrees with every
+    axis its path names (``path_axes``). A ``DataError`` naming the file otherwise."""
+    try:
+        with open(path) as fh:
+            rec = json.load(fh)
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise DataError(f"{path}: not a complete JSON run record ({getattr(err, 'msg', err)}{where}); a cut-off "
+                        "write? Delete it and rerun the job that makes it") from None
+    if not isinstance(rec, dict) or not str(rec.get("schema", "")).startswith(RECORD_SCHEMA):
+        found = rec.get("schema") if isinstance(rec, dict) else type(rec).__name__
+        raise DataError(f"{path}: not a run record (schema {found!r}, expected {RECORD_SCHEMA}N)")
+    missing = [k for k in RECORD_KEYS if k not in rec]
+    cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    missing += [f"config.{k}" for k in RECORD_CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise DataError(f"{path}: run record without {', '.join(missing)}")
+    if cfg["seed"] != rec["seed"]:
+        raise DataError(f"{path}: seed {rec['seed']} but its config says seed {cfg['seed']}")
+    own = {**cfg, "optimizer_state": cfg.get("optimizer_state", "fresh")}
+    for key, value in path_axes(path).items():
+        if own.get(key) != value:
+            raise DataError(f"{path}: the record's {key} is {own.get(key)!r} but its path says {value!r} "
+                            "(a record copied over another's?)")
+    return rec
+
+
+def record_identity(rec: dict[str, Any], role: str) -> tuple:
+    """What makes a run one run: (arch, method, variant, lambda mode, optimizer_state, seed); the lambda mode is
+    the role (``final``: the study's lambda, ``baseline``: lambda = 0), for a sweep its lambda."""
+    cfg = rec["config"]
+    mode = f"sweep lam {cfg['lam']}" if role == "sweep" else role
+    return cfg["arch"], cfg["method"], cfg["variant"], mode, cfg.get("optimizer_state", "fresh"), rec["seed"]
+
+
+def load_records(paths: list[str], role: str) -> list[dict[str, Any]]:
+    """``load_record`` for every path, and each run once (``record_identity``); a ``DataError`` naming the file."""
+    seen: dict[tuple, str] = {}
+    records = []
+    for path in paths:
+        rec = load_record(path)
+        key = record_identity(rec, role)
+        if key in seen:
+            axes = ", ".join(f"{k} {v}" for k, v in zip(
+                ("arch", "method", "variant", "role", "optimizer_state", "seed"), key))
+            raise DataError(f"{path}: the same run as {seen[key]} ({axes}); each run is counted once")
+        seen[key] = str(path)
+        records.append(rec)
+    return records
+
 
 def gather_records(paths: list[str], role: str) -> pd.DataFrame:
-    """One row per (run, after_task); diverged runs keep rows with NaN accuracy after the divergence."""
+    """One row per (run, after_task), every record checked first (``load_records``); diverged runs keep rows
+    with NaN accuracy after the divergence."""
     rows = []
-    for path in paths:
-        rec = read_json(path)
+    for path, rec in zip(paths, load_records(paths, role)):
         cfg = rec["config"]
         for t, mean in enumerate(rec["mean_acc_after_task"], start=1):
             rows.append({

@@ -1,10 +1,14 @@
-"""Atomic result files: write to a temporary sibling, then rename over the target."""
+"""Atomic result files: write to a temporary sibling, then rename over the target.
+
+The temporary file is created with mode 0666 and the process's umask applied, as ``open(path, "w")`` would
+(``tempfile.mkstemp`` would make every result 0600, unreadable to a group sharing the results).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,8 @@ from typing import Any
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -20,7 +25,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

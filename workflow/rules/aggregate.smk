@@ -11,6 +11,7 @@ rule gather_runs:
         "logs/aggregate/gather_runs.log",
     benchmark:
         "benchmarks/aggregate/gather_runs.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -34,6 +35,7 @@ rule make_table1:
         "logs/aggregate/make_table1.log",
     benchmark:
         "benchmarks/aggregate/make_table1.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1

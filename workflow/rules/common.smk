@@ -2,6 +2,10 @@
 
 from types import SimpleNamespace
 
+# The workflow's own folder, for envs/ewcstab.post-deploy.sh (it installs the package from here when
+# `--sdm conda` creates the environment; Snakemake's working directory may be elsewhere).
+os.environ.update(EWCSTAB_WORKFLOW_DIR=os.path.realpath(workflow.basedir))
+
 
 wildcard_constraints:
     arch="mlp|cnn|attention",
@@ -11,9 +15,11 @@ wildcard_constraints:
     state="fresh|carried",
     worker=r"\d+",
     importance_data="test|heldout",
+    dataset="mnist|fmnist",
 
 
 ENV = "../../envs/ewcstab.yaml"
+DATA_MANIFEST = "results/data/{dataset}.json"
 RUN_CONFIG = "results/configs/{arch}.yaml"
 BEST_LAMBDA = "results/search/{arch}/{method}/{variant}/best_lambda.json"
 TRIALS = "results/search/{arch}/{method}/{variant}/trials.csv"
@@ -81,16 +87,37 @@ def get_lambda_file(wildcards):
 
 
 def get_run_settings(wildcards):
-    """RunConfig settings shared by every run of an arch: `run`, then `run_per_arch`, then data/device."""
+    """RunConfig settings shared by every run of an arch: `run`, then `run_per_arch`, then the device
+    (the data root and `download: false` come from the data stage, workflow/scripts/write_run_config.py).
+    """
     c = config["continual"]
     settings = {**c["run"], **c.get("run_per_arch", {}).get(wildcards.arch, {})}
-    settings.update(
-        arch=wildcards.arch,
-        device=config["device"],
-        download=config["download"],
-        data_root=config["data_root"],
-    )
+    settings.update(arch=wildcards.arch, device=config["device"])
     return settings
+
+
+# The paper's task sequence of each arch and the datasets of each sequence (as ewcstab.config and
+# ewcstab.data define them; the Snakefile does not import the package, which may live in a conda env).
+DEFAULT_SEQUENCE = {
+    "mlp": "permuted_mnist",
+    "cnn": "mnist_fmnist_rot90",
+    "attention": "mnist_fmnist_rot90",
+}
+SEQUENCE_DATASETS = {
+    "permuted_mnist": ["mnist"],
+    "mnist_fmnist_rot90": ["mnist", "fmnist"],
+}
+
+
+def get_datasets(settings):
+    """Data manifests of the datasets a run with these settings reads."""
+    sequence = settings.get("sequence") or DEFAULT_SEQUENCE[settings["arch"]]
+    return [DATA_MANIFEST.format(dataset=d) for d in SEQUENCE_DATASETS[sequence]]
+
+
+def get_run_datasets(wildcards):
+    """Data manifests the runs of an arch depend on (the data stage, workflow/rules/data.smk)."""
+    return get_datasets(get_run_settings(wildcards))
 
 
 def get_space(wildcards):
@@ -400,17 +427,20 @@ def get_explosion_lr(wildcards):
 
 
 def get_explosion_settings(wildcards):
-    """RunConfig settings shared by an arch's study runs: `run`, then `run_per_arch`, clip_norm, data."""
+    """RunConfig settings shared by an arch's study runs: `run`, then `run_per_arch`, clip_norm, device."""
     e = config["explosion"]
     settings = {**e.get("run", {}), **e.get("run_per_arch", {}).get(wildcards.arch, {})}
     settings.update(
         arch=wildcards.arch,
         clip_norm=per_arch(e.get("clip_norm", 1.0), wildcards.arch, "clip_norm"),
         device=config["device"],
-        download=config["download"],
-        data_root=config["data_root"],
     )
     return settings
+
+
+def get_explosion_datasets(wildcards):
+    """Data manifests the study runs of an arch depend on."""
+    return get_datasets(get_explosion_settings(wildcards))
 
 
 def get_explosion_records(wildcards=None):

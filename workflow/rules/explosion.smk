@@ -5,12 +5,15 @@
 
 
 rule write_explosion_config:
+    input:
+        data=get_explosion_datasets,
     output:
         EXPLOSION_CONFIG,
     log:
         "logs/explosion/configs/{arch}.log",
     benchmark:
         "benchmarks/explosion/configs/{arch}.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -89,6 +92,7 @@ rule gather_explosion_runs:
         "logs/explosion/gather_runs.log",
     benchmark:
         "benchmarks/explosion/gather_runs.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -110,6 +114,7 @@ rule summarize_explosion:
         "logs/explosion/summarize.log",
     benchmark:
         "benchmarks/explosion/summarize.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -130,6 +135,7 @@ rule gather_explosion_traces:
         "logs/explosion/gather_traces.log",
     benchmark:
         "benchmarks/explosion/gather_traces.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -156,6 +162,7 @@ rule plot_explosion_accuracy:
         "logs/figures/explosion/accuracy_vs_lambda.log",
     benchmark:
         "benchmarks/figures/explosion/accuracy_vs_lambda.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -182,6 +189,7 @@ rule plot_explosion_traces:
         "logs/figures/explosion/grad_norm_traces.log",
     benchmark:
         "benchmarks/figures/explosion/grad_norm_traces.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -209,6 +217,7 @@ rule render_explosion_table:
         "benchmarks/report/explosion/{table}.tsv"
     wildcard_constraints:
         table="explosion_[a-z0-9_]+",
+    localrule: True
     conda:
         ENV
     threads: 1

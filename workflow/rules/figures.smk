@@ -20,6 +20,7 @@ rule plot_lambda_search:
         "logs/figures/{arch}/lambda_search.log",
     benchmark:
         "benchmarks/figures/{arch}/lambda_search.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -47,6 +48,7 @@ rule plot_task_curves:
         "logs/figures/{arch}/task_curves.log",
     benchmark:
         "benchmarks/figures/{arch}/task_curves.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -73,6 +75,7 @@ rule plot_search_trials:
         "logs/figures/{arch}/search_trials.log",
     benchmark:
         "benchmarks/figures/{arch}/search_trials.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -103,6 +106,7 @@ rule plot_pruning_curves:
         "benchmarks/figures/pruning/{scope}.tsv"
     wildcard_constraints:
         scope="global|per_layer",
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -126,6 +130,7 @@ rule plot_lambda_sweep:
             labels={"figure": "accuracy vs lambda, fixed grid", "arch": "{arch}"},
         ),
         pdf=LAMBDA_SWEEP_FIG["pdf"],
+    localrule: True
     log:
         "logs/figures/{arch}/lambda_sweep.log",
     benchmark:

@@ -6,6 +6,7 @@
 rule write_fixed_lambda:
     output:
         FIXED_LAMBDA,
+    localrule: True
     log:
         "logs/lambdas/{arch}/{method}/{variant}.log",
     conda:

@@ -4,6 +4,9 @@
 
 
 rule prune_by_importance:
+    input:
+        # the data stage verified MNIST under the same data root (data_root, else $EWCSTAB_DATA)
+        data=DATA_MANIFEST.format(dataset="mnist"),
     output:
         curves=PRUNE_NET,
         meta=PRUNE_NET_META,
@@ -40,6 +43,7 @@ rule summarize_pruning:
         "logs/pruning/summary.log",
     benchmark:
         "benchmarks/pruning/summary.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1

@@ -12,6 +12,7 @@ rule summarize_provenance:
         "logs/report/summarize_provenance.log",
     benchmark:
         "benchmarks/report/summarize_provenance.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -39,6 +40,7 @@ rule render_report_table:
         "benchmarks/report/{table}.tsv"
     wildcard_constraints:
         table="[a-z0-9_]+",
+    localrule: True
     conda:
         ENV
     threads: 1
@@ -62,6 +64,7 @@ rule write_report_config:
         "logs/report/configuration.log",
     benchmark:
         "benchmarks/report/configuration.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1

@@ -46,6 +46,7 @@ rule summarize_search:
         "logs/search/{arch}/{method}/{variant}/summary.log",
     benchmark:
         "benchmarks/search/{arch}/{method}/{variant}/summary.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1

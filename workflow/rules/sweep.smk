@@ -43,6 +43,7 @@ rule gather_sweeps:
         get_sweep_records,
     output:
         SWEEP_TABLE,
+    localrule: True
     log:
         "logs/aggregate/gather_sweeps.log",
     conda:
