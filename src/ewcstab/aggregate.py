@@ -11,12 +11,9 @@ has no number.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import pandas as pd
 
-from ewcstab.io import read_json, write_text_atomic
+from ewcstab.io import read_json
 from ewcstab.metrics import mean_ci95
 
 KEYS = ["arch", "method", "variant"]
@@ -119,45 +116,3 @@ def to_latex(table: pd.DataFrame) -> str:
     notes = ("95% half-width: t(0.975, n-1) · std / sqrt(n), ddof 0. Diverged runs are counted and left out "
              "of the accuracy. lambda=0: the same runs without the EWC penalty.")
     return latex.to_latex(display_table(table), TABLE1_CAPTION, "tab:continual", notes)
-
-
-def cmd_gather(args: argparse.Namespace) -> int:
-    parts = [gather_records(args.final, "final")]
-    if args.baseline:
-        parts.append(gather_records(args.baseline, "baseline"))
-    write_text_atomic(args.out, pd.concat(parts, ignore_index=True).to_csv(index=False))
-    return 0
-
-
-def cmd_table(args: argparse.Namespace) -> int:
-    runs = pd.read_csv(args.runs)
-    best = [read_json(p) for p in args.search]
-    paper = None
-    if args.paper:
-        if not Path(args.paper).is_file():
-            from ewcstab.config import ConfigError
-
-            raise ConfigError(f"paper_continual: {args.paper!r} does not exist (the paper's reference CSV)")
-        paper = pd.read_csv(args.paper)
-    table = continual_table(runs, best, paper)
-    write_text_atomic(args.csv_out, table.to_csv(index=False))
-    write_text_atomic(args.md_out, to_markdown(table))
-    if args.tex_out:
-        write_text_atomic(args.tex_out, to_latex(table))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("gather", help="run records (JSON) -> one long-format CSV")
-    g.add_argument("--final", nargs="+", required=True, help="run records of the final runs")
-    g.add_argument("--baseline", nargs="*", default=[], help="run records of the lambda = 0 baselines")
-    g.add_argument("--out", required=True, help="CSV, one row per run and task")
-    g.set_defaults(func=cmd_gather)
-    t = sub.add_parser("table", help="Table 1: best lambda and accuracy per (arch, method, variant), paper beside")
-    t.add_argument("--runs", required=True, help="CSV written by 'ewcstab gather'")
-    t.add_argument("--search", nargs="+", required=True, help="best_lambda JSON of each search")
-    t.add_argument("--paper", help="the paper's reference CSV (paper_continual.csv)")
-    t.add_argument("--csv-out", required=True)
-    t.add_argument("--md-out", required=True)
-    t.add_argument("--tex-out", help="the same table in LaTeX (booktabs)")
-    t.set_defaults(func=cmd_table)
