@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -57,12 +58,13 @@ def lams(study, states=(TrialState.COMPLETE, TrialState.PRUNED)) -> list[float]:
     return [t.params["lam"] for t in study.get_trials(states=states)]
 
 
-def leave_running_trial(storage: str, name: str, worker: str, lam_low=0.1, lam_high=100.0) -> tuple[int, float]:
+def leave_running_trial(storage: str, name: str, worker: str, **attrs) -> tuple[int, float]:
     """What a worker leaves behind when it is killed mid-trial: a RUNNING trial with its lambda drawn."""
     study = optuna.load_study(study_name=name, storage=storage)
     trial = study.ask()
-    lam = trial.suggest_float("lam", lam_low, lam_high, log=True)
-    trial.set_user_attr("worker", worker)
+    lam = trial.suggest_float("lam", 0.1, 100.0, log=True)
+    for key, value in {"worker": worker, **attrs}.items():
+        trial.set_user_attr(key, value)
     return trial.number, lam
 
 
@@ -101,24 +103,28 @@ def test_reap_fails_only_dead_workers_trials(tmp_path, fake_training):
 
     storage = f"sqlite:///{tmp_path}/study.db"
     spec = SearchSpec("tpe", 0.1, 100.0, n_trials=4, seeds_per_trial=1, pruner="none")
-    study, store, sampler = search.make_study("s", storage, spec, heartbeat=None)
+    study, sampler = search.make_study("s", storage, spec)
     live, _ = leave_running_trial(storage, "s", f"{search.HOST}:{os.getppid()}")  # pytest's parent: alive
-    other_host, _ = leave_running_trial(storage, "s", "elsewhere:1")  # cannot be judged from here
+    other_host, _ = leave_running_trial(storage, "s", "elsewhere:1")  # no heartbeat: cannot be judged from here
+    # 30 s silent: alive if its worker beats every 60 s, dead if every 5 s (the reaper's own interval: none)
+    beating, _ = leave_running_trial(storage, "s", "elsewhere:2", heartbeat=time.time() - 30, heartbeat_interval=60)
+    silent, _ = leave_running_trial(storage, "s", "elsewhere:3", heartbeat=time.time() - 30, heartbeat_interval=5)
     dead, dead_lam = leave_running_trial(storage, "s", f"{search.HOST}:{exited_pid()}")
     unclaimed = study.ask().number  # asked, then killed before it was marked with its worker
-    worker = search.Worker(study, store, sampler, spec, tiny_base(), tmp_path / "runs", False, None, 0.1)
+    worker = search.Worker(study, sampler, spec, tiny_base(), tmp_path / "runs", False, None, 0.1)
     worker.reap()
     states = {t.number: t.state for t in study.get_trials()}
-    assert states[live] == states[other_host] == states[unclaimed] == TrialState.RUNNING
-    assert states[dead] == TrialState.FAIL
-    assert [t.user_attrs["retry_of"] for t in study.get_trials(states=(TrialState.WAITING,))] == [dead]
+    assert states[live] == states[other_host] == states[beating] == states[unclaimed] == TrialState.RUNNING
+    assert states[dead] == states[silent] == TrialState.FAIL
+    assert [t.user_attrs["retry_of"] for t in study.get_trials(states=(TrialState.WAITING,))] == [silent, dead]
     worker.reap()  # a second look queues nothing more
-    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 2
     worker.claim_timeout = timedelta(0)  # the grace period is over
     worker.reap()
     assert study.trials[unclaimed].state == TrialState.FAIL and study.trials[live].state == TrialState.RUNNING
     assert datetime.now() > study.trials[unclaimed].datetime_start
-    retry = study.ask()  # the queued retry comes first, with the dead trial's lambda
+    study.tell(study.ask(), state=TrialState.FAIL)  # the queued retries come first: the silent one's
+    retry = study.ask()  # then the dead one's, with its lambda
     assert retry.user_attrs["retry_of"] == dead and retry.suggest_float("lam", 0.1, 100.0, log=True) == dead_lam
 
 

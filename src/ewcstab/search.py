@@ -26,11 +26,14 @@ What the study guarantees, with any number of workers, kills and restarts (publi
 - **A killed trial's lambda is tried.** A trial whose worker died is failed (see below) and its lambda
   queued again with ``study.enqueue_trial`` (user attributes ``retry_of``: the chain's key, ``attempt``);
   the next worker that asks runs it. After ``MAX_ATTEMPTS`` starts the lambda is given up (logged).
-- **Only dead workers' trials are failed**, whatever flags another worker was started with: a running
-  trial is failed when its heartbeat is stale (database storages: ``optuna.storages.fail_stale_trials``),
-  when its worker (user attribute ``worker``, host:pid) ran on this host and that process is gone, or when
-  no worker claimed it within the grace period. A worker on another host that died is therefore noticed
-  only through heartbeats: use a database storage there (the journal storage has none).
+- **Only dead workers' trials are failed**, whatever flags another worker was started with. A worker
+  claims each trial it runs (user attribute ``worker``, host:pid) and keeps its heartbeat (user attributes
+  ``heartbeat``: the time of the last beat on the worker's clock, ``heartbeat_interval``: its own
+  interval, see ``Heartbeats``). A running trial is failed when its worker ran on this host and that
+  process is gone, when its heartbeat is older than 3 of its own worker's intervals plus
+  ``CLOCK_SLACK`` seconds (for clocks of different hosts), or when no worker claimed it within
+  ``CLAIM_SECONDS``. The heartbeat is a user attribute, so it works on every storage (journal files too)
+  and in both the one-trial and the batched mode.
 - **Own sampling streams.** Each worker process samples from its own stream: the stream number is the
   number of the first trial the process asks (unique), the stream's seed ``SeedSequence([sampler_seed,
   stream])``; each trial records its ``stream``. A restart therefore never replays the first run's
@@ -71,6 +74,13 @@ TRIAL_SEED_OFFSET = 1000
 
 #: Starts of one lambda (its first trial and the retries after its workers died) before it is given up.
 MAX_ATTEMPTS = 3
+
+#: Seconds allowed for clocks of different hosts to disagree when judging a heartbeat.
+CLOCK_SLACK = 10
+
+#: Seconds within which a worker claims the trial it asked (it does so at once); an unclaimed running
+#: trial older than this was asked by a worker that died in between.
+CLAIM_SECONDS = 60
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -165,13 +175,11 @@ def check_storage_url(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def open_storage(url: str, heartbeat: int | None = None, must_exist: bool = False):
+def open_storage(url: str, must_exist: bool = False):
     """An Optuna storage from a URL (``check_storage_url``); ``journal:///path`` selects the journal file
     storage.
 
-    With ``heartbeat`` (seconds), database storages keep a heartbeat for every running trial; a trial
-    silent for 3 intervals is failed by the next worker that looks (and its lambda retried, see the
-    module docstring). ``must_exist``: the storage must be there already (summaries): a missing SQLite or
+    ``must_exist``: the storage must be there already (summaries): a missing SQLite or
     journal file is a ``ConfigError`` and no file is created. A URL that cannot be opened is a
     ``ConfigError`` naming it, at once (no retries: only the races of workers that create the same
     storage together are retried, by ``make_study``).
@@ -194,13 +202,8 @@ def open_storage(url: str, heartbeat: int | None = None, must_exist: bool = Fals
         engine = {"connect_args": {"timeout": 60}}  # workers wait for each other's writes
     elif backend in ("postgresql", "mysql"):
         engine = {"connect_args": {"connect_timeout": 10}}  # an unreachable server fails in seconds
-    options: dict[str, object] = {}
-    if heartbeat:
-        options = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **options)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError, ValueError, TypeError) as err:
         if _is_creation_race(err):
             raise
@@ -234,9 +237,9 @@ def _one_line(err: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def make_study(name: str, storage_url: str, spec: SearchSpec, heartbeat: int | None = None):
+def make_study(name: str, storage_url: str, spec: SearchSpec):
     """Create or load the study ``name`` with this worker's sampler (``LambdaSampler``) and the pruner of
-    ``spec``; returns (study, storage, sampler)."""
+    ``spec``; returns (study, sampler)."""
     sampler = LambdaSampler(spec)
     if spec.pruner == "median" and spec.mode == "tpe":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=1)
@@ -244,11 +247,11 @@ def make_study(name: str, storage_url: str, spec: SearchSpec, heartbeat: int | N
         pruner = optuna.pruners.NopPruner()
     for attempt in range(6):
         try:
-            storage = open_storage(storage_url, heartbeat)
+            storage = open_storage(storage_url)
             with _optuna_quiet():
                 study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                             direction="maximize", load_if_exists=True)
-            return study, storage, sampler
+            return study, sampler
         except Exception as err:  # noqa: BLE001 (only the creation races are retried)
             if attempt == 5 or not _is_creation_race(err):
                 raise
@@ -477,44 +480,42 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Heartbeats:
-    """Heartbeats of the trials this worker runs, recorded through the storage's public methods
-    (``get_study_id_from_name``, ``get_trial_id_from_study_id_trial_number``, ``record_heartbeat``): the
-    record ``study.optimize`` keeps, so ``optuna.storages.fail_stale_trials`` judges them the same way.
-    A storage without heartbeats (journal, or heartbeat off) records nothing."""
+    """The heartbeats of this worker's running trials: every ``interval`` seconds a thread sets each
+    trial's user attribute ``heartbeat`` to the time (seconds since the epoch, this host's clock); the
+    trial also records ``heartbeat_interval``, so other workers judge it by its own worker's interval, never
+    by theirs. ``interval`` None or 0: no heartbeat (the trial is then failed by others only when its
+    worker on their host is gone)."""
 
-    def __init__(self, storage, study_name: str) -> None:
-        interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
-        self.storage, self.interval = storage, interval
-        self.study_id = storage.get_study_id_from_name(study_name) if interval else None
-        self._ids: dict[int, int] = {}  # trial number -> trial id
-        self._lock = threading.Lock()
+    def __init__(self, interval: int | None) -> None:
+        self.interval = interval or None
+        self._trials: dict[int, optuna.Trial] = {}
+        self._lock = threading.Lock()  # a beat round and a removal never overlap: no beat after a tell
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add(self, number: int) -> None:
+    def add(self, trial: optuna.Trial) -> None:
+        trial.set_user_attr("heartbeat_interval", self.interval)
         if not self.interval:
             return
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
-        self.storage.record_heartbeat(trial_id)
+        trial.set_user_attr("heartbeat", time.time())
         with self._lock:
-            self._ids[number] = trial_id
+            self._trials[trial.number] = trial
         if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="ewcstab-heartbeat", daemon=True)
             self._thread.start()
 
     def remove(self, number: int) -> None:
         with self._lock:
-            self._ids.pop(number, None)
+            self._trials.pop(number, None)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             with self._lock:
-                ids = list(self._ids.values())
-            for trial_id in ids:
-                try:
-                    self.storage.record_heartbeat(trial_id)
-                except Exception as err:  # noqa: BLE001 (a missed beat is retried; the run goes on)
-                    log.warning("heartbeat not recorded (%s); retrying in %ss", _one_line(err), self.interval)
+                for trial in self._trials.values():
+                    try:
+                        trial.set_user_attr("heartbeat", time.time())
+                    except Exception as err:  # noqa: BLE001 (a missed beat is retried; the run goes on)
+                        log.warning("heartbeat of trial %d not recorded (%s)", trial.number, _one_line(err))
 
     def close(self) -> None:
         self._stop.set()
@@ -525,14 +526,13 @@ class Heartbeats:
 class Worker:
     """One process's part of a study: reap dead workers' trials, ask, admit, train, tell."""
 
-    def __init__(self, study, storage, sampler: LambdaSampler, spec: SearchSpec, base: RunConfig,
-                 runs_dir: Path, progress: bool, heartbeat: int | None, poll_seconds: float) -> None:
-        self.study, self.storage, self.sampler, self.spec, self.base = study, storage, sampler, spec, base
+    def __init__(self, study, sampler: LambdaSampler, spec: SearchSpec, base: RunConfig, runs_dir: Path,
+                 progress: bool, heartbeat: int | None, poll_seconds: float) -> None:
+        self.study, self.sampler, self.spec, self.base = study, sampler, spec, base
         self.runs_dir, self.progress, self.poll_seconds = runs_dir, progress, poll_seconds
-        self.heartbeat = heartbeat if isinstance(storage, optuna.storages.RDBStorage) else None
-        self.claim_timeout = timedelta(seconds=3 * heartbeat if heartbeat else 60)
+        self.claim_timeout = timedelta(seconds=CLAIM_SECONDS)
         self.n_tasks = base.resolved().n_tasks
-        self.beats = Heartbeats(storage, study.study_name)
+        self.beats = Heartbeats(heartbeat)
         self._given_up: set[int] = set()
 
     def run(self, trials_per_batch: int) -> None:
@@ -560,10 +560,6 @@ class Worker:
     # ----------------------------------------------------------------------------------- dead workers
     def reap(self) -> None:
         """Fail the running trials of dead workers, then queue again every lambda that waits for a retry."""
-        if self.heartbeat:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)
         now = datetime.now()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             why = self._dead(t, now)
@@ -594,16 +590,17 @@ class Worker:
         host, _, pid = owner.rpartition(":")
         if host == HOST and pid.isdigit() and not _pid_alive(int(pid)):
             return f"its worker {owner} is gone"
+        beat, interval = trial.user_attrs.get("heartbeat"), trial.user_attrs.get("heartbeat_interval")
+        if beat is not None and interval and time.time() - beat > 3 * interval + CLOCK_SLACK:
+            return f"its worker {owner} has sent no heartbeat for {time.time() - beat:.0f} s (it beats every {interval} s)"
         return None
 
     # ----------------------------------------------------------------------------------- trials
     def _ask(self) -> tuple[optuna.Trial, float] | None:
         """A new or queued trial, claimed and admitted with its lambda; None if it was rejected."""
-        with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": Heartbeats keeps it
-            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
-            trial = self.study.ask()
-        self.beats.add(trial.number)
+        trial = self.study.ask()
         trial.set_user_attr("worker", worker_id())
+        self.beats.add(trial)
         try:
             lam = admit(self.study, trial, self.spec)
         except Rejected as why:
@@ -619,8 +616,8 @@ class Worker:
         return trial, lam
 
     def _tell(self, trial, value: float | None = None, state: TrialState | None = None) -> None:
-        self.study.tell(trial, value, state=state, skip_if_finished=True)
         self.beats.remove(trial.number)
+        self.study.tell(trial, value, state=state, skip_if_finished=True)
 
     def _run_batch(self, k: int) -> None:
         asked: list[tuple[optuna.Trial, float]] = []
@@ -754,15 +751,16 @@ def run_search(
     Several workers (processes, cluster jobs) may run this on the same storage at once; see the module
     docstring for what they guarantee together. ``trials_per_batch`` > 1: the worker asks that many
     trials at once and trains all their runs (trials x seeds) as one batch (``ewcstab.batched``; the MLP
-    is stacked, other archs run one after another). ``poll_seconds``: how often a worker with nothing to
+    is stacked, other archs run one after another). ``heartbeat``: seconds between this worker's
+    heartbeats (``Heartbeats``; None or 0: none). ``poll_seconds``: how often a worker with nothing to
     start looks for dead workers' trials (default: the heartbeat, at most 5 s).
     """
     spec.validate()
     base.validate()
-    study, storage, sampler = make_study(name, storage_url, spec, heartbeat)
+    study, sampler = make_study(name, storage_url, spec)
     check_same_settings(study, base, spec)
     poll = poll_seconds if poll_seconds is not None else min(5.0, heartbeat or 5.0)
-    Worker(study, storage, sampler, spec, base, Path(runs_dir), progress, heartbeat, poll).run(trials_per_batch)
+    Worker(study, sampler, spec, base, Path(runs_dir), progress, heartbeat, poll).run(trials_per_batch)
     return study
 
 

@@ -144,8 +144,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="accepted for older scripts; no effect: every worker shares the study safely (only "
                         "trials of dead workers are failed)")
     p.add_argument("--heartbeat", type=nonnegative_int, default=60,
-                   help="seconds between trial heartbeats (database storages; 0: off); a trial silent for "
-                        "3 heartbeats is failed and its lambda retried")
+                   help="seconds between this worker's trial heartbeats (any storage; 0: off); another worker "
+                        "fails a trial of this one that is silent for 3 of these intervals (+10 s) and retries "
+                        "its lambda")
     p.add_argument("--runs-dir", required=True, help="folder for every trial's run records")
     p.add_argument("--trials-per-batch", type=positive_int, default=1,
                    help="ask this many trials at once and train all their runs as one batch (ewcstab.batched; "
