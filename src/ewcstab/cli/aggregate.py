@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ewcstab.cli.common import check_inputs, check_outputs, read_json_input
+from ewcstab.cli.common import (
+    add_table_outputs, check_inputs, check_outputs, read_json_input, table_outputs, write_table_outputs,
+)
 
 RUN_RECORD = "a run record (JSON) of 'ewcstab run'"
 
@@ -30,19 +32,14 @@ def cmd_table(args: argparse.Namespace) -> int:
     check_inputs("runs", args.runs, "the CSV of 'ewcstab gather'")
     best = [read_json_input("search", p, "the best_lambda JSON of a search") for p in args.search]
     check_inputs("paper", args.paper, "the paper's reference CSV (paper_continual.csv)")
-    check_outputs({"csv-out": args.csv_out, "md-out": args.md_out, "tex-out": args.tex_out})
+    check_outputs(table_outputs(args))
     import pandas as pd
 
     from ewcstab.aggregate import continual_table, to_latex, to_markdown
-    from ewcstab.io import write_text_atomic
 
-    runs = pd.read_csv(args.runs)
     paper = pd.read_csv(args.paper) if args.paper else None
-    table = continual_table(runs, best, paper)
-    write_text_atomic(args.csv_out, table.to_csv(index=False))
-    write_text_atomic(args.md_out, to_markdown(table))
-    if args.tex_out:
-        write_text_atomic(args.tex_out, to_latex(table))
+    table = continual_table(pd.read_csv(args.runs), best, paper)
+    write_table_outputs(args, table.to_csv(index=False), to_markdown(table), lambda: to_latex(table))
     return 0
 
 
@@ -56,7 +53,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--runs", required=True, help="CSV written by 'ewcstab gather'")
     t.add_argument("--search", nargs="+", required=True, help="best_lambda JSON of each search")
     t.add_argument("--paper", help="the paper's reference CSV (paper_continual.csv)")
-    t.add_argument("--csv-out", required=True)
-    t.add_argument("--md-out", required=True)
-    t.add_argument("--tex-out", help="the same table in LaTeX (booktabs)")
+    add_table_outputs(t)
     t.set_defaults(func=cmd_table)

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ewcstab.config import ARCHS, METHODS, OPTIMIZER_STATES, OPTIMIZERS, SEQUENCES, VARIANTS, RunConfig
@@ -125,6 +125,27 @@ def best_lambda_from(path: str) -> float:
 
 
 # ------------------------------------------------------------------------------------- inputs, outputs
+def add_table_outputs(p: argparse.ArgumentParser) -> None:
+    """--csv-out, --md-out, --tex-out: one table in three forms."""
+    p.add_argument("--csv-out", required=True, help="the table (CSV)")
+    p.add_argument("--md-out", required=True, help="the same table in Markdown")
+    p.add_argument("--tex-out", help="the same table in LaTeX (booktabs)")
+
+
+def table_outputs(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"csv-out": args.csv_out, "md-out": args.md_out, "tex-out": args.tex_out}
+
+
+def write_table_outputs(args: argparse.Namespace, csv: str, markdown: str, latex: Callable[[], str]) -> None:
+    """The table's forms the flags of ``add_table_outputs`` ask for, each written atomically."""
+    from ewcstab.io import write_text_atomic
+
+    write_text_atomic(args.csv_out, csv)
+    write_text_atomic(args.md_out, markdown)
+    if args.tex_out:
+        write_text_atomic(args.tex_out, latex())
+
+
 def check_inputs(field: str, paths: str | Iterable[str] | None, what: str = "") -> None:
     """Each path is a readable file; else a ``ConfigError`` naming the flag and the file."""
     for path in _as_list(paths):

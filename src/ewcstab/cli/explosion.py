@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from ewcstab.cli.common import check_inputs, check_outputs, read_json_input
+from ewcstab.cli.common import (
+    add_table_outputs, check_inputs, check_outputs, read_json_input, table_outputs, write_table_outputs,
+)
 from ewcstab.errors import ConfigError
 
 
@@ -22,17 +24,13 @@ def cmd_gather(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     check_inputs("runs", args.runs, "the CSV of 'ewcstab explosion-gather'")
-    check_outputs({"csv-out": args.csv_out, "md-out": args.md_out, "tex-out": args.tex_out})
+    check_outputs(table_outputs(args))
     import pandas as pd
 
     from ewcstab.explosion import summarize, summary_latex, summary_markdown
-    from ewcstab.io import write_text_atomic
 
     summary = summarize(pd.read_csv(args.runs))
-    write_text_atomic(args.csv_out, summary.to_csv(index=False))
-    write_text_atomic(args.md_out, summary_markdown(summary))
-    if args.tex_out:
-        write_text_atomic(args.tex_out, summary_latex(summary))
+    write_table_outputs(args, summary.to_csv(index=False), summary_markdown(summary), lambda: summary_latex(summary))
     return 0
 
 
@@ -57,9 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("explosion-summary",
                        help="gradient-explosion study: runs, divergences, accuracy ± 95%% CI per lambda")
     s.add_argument("--runs", required=True, help="CSV written by 'ewcstab explosion-gather'")
-    s.add_argument("--csv-out", required=True)
-    s.add_argument("--md-out", required=True)
-    s.add_argument("--tex-out", help="the same table in LaTeX (booktabs)")
+    add_table_outputs(s)
     s.set_defaults(func=cmd_summary)
     t = sub.add_parser("explosion-traces", help="gradient-explosion study: traced runs -> one row per step")
     t.add_argument("--records", nargs="+", required=True, help="run records made with 'ewcstab run --trace'")
