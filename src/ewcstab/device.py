@@ -12,13 +12,20 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for a validated device name. ``auto``: the first CUDA device if torch sees one,
-    else the CPU (logged). A CUDA device torch does not see is a ``ConfigError``, raised before any work."""
+    """The torch device for a validated device name (``check_device``); ``auto``'s choice is logged."""
+    device = check_device(name)
     if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         log.info("device auto: %s", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu "
                  "(torch sees no CUDA device)")
-        return device
+    return device
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device for a validated device name, without a word: ``auto`` is the first CUDA device if
+    torch sees one, else the CPU. A CUDA device torch does not see is a ``ConfigError`` (commands call this
+    before any work, so nothing is written)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -101,9 +101,9 @@ def prepare_run(args: argparse.Namespace) -> RunConfig:
     (a CUDA device that is not there is refused here, before any output or study exists)."""
     cfg = config_from_args(args)
     set_threads(args.threads)
-    from ewcstab.device import resolve_device
+    from ewcstab.device import check_device
 
-    resolve_device(cfg.device)
+    check_device(cfg.device)
     return cfg
 
 

@@ -38,7 +38,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from ewcstab.device import resolve_device
+    from ewcstab.device import check_device
     from ewcstab.pruning.experiment import metadata_path, run_pruning_experiment, write_curves
 
     try:
@@ -48,7 +48,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_outputs({"out": args.out, "meta-out": meta_out})
     cfg = config_from_args(args)
     set_threads(args.threads)
-    resolve_device(cfg.device)
+    check_device(cfg.device)
     curves, meta = run_pruning_experiment(cfg, progress=not args.no_progress)
     meta_path = write_curves(curves, meta, args.out, args.meta_out)
     log.info("unpruned accuracy %.4f; curves -> %s, metadata -> %s", meta["unpruned_accuracy"], args.out, meta_path)
