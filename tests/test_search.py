@@ -60,7 +60,7 @@ def lams(study, states=(TrialState.COMPLETE, TrialState.PRUNED)) -> list[float]:
 
 def leave_running_trial(storage: str, name: str, worker: str, **attrs) -> tuple[int, float]:
     """What a worker leaves behind when it is killed mid-trial: a RUNNING trial with its lambda drawn."""
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=search.open_storage(storage))
     trial = study.ask()
     lam = trial.suggest_float("lam", 0.1, 100.0, log=True)
     for key, value in {"worker": worker, **attrs}.items():
@@ -68,8 +68,9 @@ def leave_running_trial(storage: str, name: str, worker: str, **attrs) -> tuple[
     return trial.number, lam
 
 
-def test_dead_workers_trial_is_retried_with_its_lambda_and_finished_trials_untouched(tmp_path, fake_training):
-    storage, runs = f"sqlite:///{tmp_path}/study.db", tmp_path / "runs"
+@pytest.mark.parametrize("kind", ["sqlite:///{}/study.db", "journal:///{}/study.log"])
+def test_dead_workers_trial_is_retried_with_its_lambda_and_finished_trials_untouched(tmp_path, fake_training, kind):
+    storage, runs = kind.format(tmp_path), tmp_path / "runs"
     spec = SearchSpec("tpe", 0.1, 100.0, n_trials=2, seeds_per_trial=1, pruner="none")
     study = run_search("s", storage, tiny_base(), spec, runs)
     first = {t.number: (t.params["lam"], t.value) for t in study.get_trials(states=(TrialState.COMPLETE,))}
