@@ -37,7 +37,10 @@ What the study guarantees, with any number of workers, kills and restarts (publi
 - **Own sampling streams.** Each worker process samples from its own stream: the stream number is the
   number of the first trial the process asks (unique), the stream's seed ``SeedSequence([sampler_seed,
   stream])``; each trial records its ``stream``. A restart therefore never replays the first run's
-  draws, and K workers draw K different sequences; a single worker's study is reproducible run for run.
+  draws, and K workers draw K different sequences. Reproducible: a single worker's study (its restarts
+  at the same points included) as far as its training is, and every stream's sequence of draws; with K
+  workers, which stream runs how many trials depends on timing, so their set of lambdas is reproducible
+  only in grid mode (the grid) and stream by stream in tpe mode.
 - **One set of settings.** The study stores its search settings (mode, range or grid, seeds per trial,
   sampler seed, pruner) and run settings when it is created; a worker or summary with other settings is
   refused with one ``ConfigError`` naming the differences, before it touches any trial.
@@ -573,8 +576,7 @@ class Worker:
                     "retry_of": chain.key, "attempt": chain.attempts + 1, "stream": last.user_attrs.get("stream")})
                 log.warning("trial %d (lam %.6g) was cut short: its lambda is queued again (start %d of at most "
                             "%d)", last.number, chain.lam, chain.attempts + 1, MAX_ATTEMPTS)
-            elif (not chain.live and chain.attempts >= MAX_ATTEMPTS and chain.key not in self._given_up
-                  and not any(t.state in FINISHED for t in chain.trials)):
+            elif not chain.live and chain.attempts >= MAX_ATTEMPTS and chain.key not in self._given_up:
                 self._given_up.add(chain.key)
                 log.warning("lam %.6g was cut short %d times (trials %s): given up", chain.lam, chain.attempts,
                             [t.number for t in chain.trials])
