@@ -22,6 +22,10 @@ from ewcstab.config import ConfigError, RunConfig
         ({"sequence": "split_mnist"}, r"sequence: 'split_mnist' is not allowed"),
         ({"device": "tpu"}, r"device: 'tpu' is not allowed; allowed: auto, cpu, cuda, cuda:N"),
         ({"optimizer": "rmsprop"}, r"optimizer: 'rmsprop' is not allowed; allowed: adam, sgd"),
+        ({"device": 0}, r"device: 0 is not allowed; allowed: auto, cpu, cuda, cuda:N"),
+        ({"data_root": 5}, r"data_root: 5 is not allowed; allowed: a folder path"),
+        ({"optimizer_state": "kept"}, r"optimizer_state: 'kept' is not allowed; allowed: fresh, carried"),
+        ({"chain_length": 0}, r"chain_length: 0 is not allowed; allowed: an integer >= 1"),
     ],
 )
 def test_invalid_values_name_field_and_allowed(changes, match):
@@ -41,6 +45,24 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         RunConfig.from_file(bad)
+    with pytest.raises(ConfigError, match="is a folder"):
+        RunConfig.from_file(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("run.yaml", b"method: [mas\n", r"'.*run.yaml' is not readable as YAML: while parsing"),
+        ("run.txt", b"\x89PNG\r\n\x1a\n\x00\xff", r"'.*run.txt' is not readable as YAML"),
+        ("run.json", b"{method: mas}", r"'.*run.json' is not readable as JSON: Expecting property name"),
+    ],
+)
+def test_unreadable_config_files_are_one_line_config_errors(tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as info:
+        RunConfig.from_file(path)
+    assert "\n" not in str(info.value)
 
 
 def test_defaults_are_the_paper_protocol():

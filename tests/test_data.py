@@ -4,7 +4,6 @@ tiny synthetic IDX files written in tmp_path."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from ewcstab.data import (
     permutations,
     prepare_dataset,
     raw_files,
-    read_idx,
     resolve_data_root,
     rotate90,
     task_specs,

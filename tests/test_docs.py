@@ -4,7 +4,6 @@ heading, no history of its making; every relative link in it and in docs/ resolv
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 

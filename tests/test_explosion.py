@@ -53,7 +53,7 @@ def telemetry(task: int, steps: int = 10, clip: float | None = None, diverged_st
 
 def record(variant: str = "original", lam: float = 100.0, seed: int = 0, acc: float = 0.8,
            diverge_task: int | None = None, optimizer: str = "sgd", arch: str = "mlp", trace: bool = False) -> dict:
-    """A run record (the keys ewcstab.train.record writes that the study reads)."""
+    """A run record (the keys ewcstab.records.run_record writes that the study reads)."""
     clip = 1.0 if variant == "clipped" else None
     trained = N_TASKS if diverge_task is None else diverge_task
     tel = [telemetry(t, clip=clip, diverged_step=7 if t == diverge_task else None) for t in range(1, trained + 1)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 
@@ -30,7 +29,6 @@ from ewcstab.pruning import (
     pruned_counts,
     pruning_curve,
     read_curves,
-    register,
     sparsity_levels,
     summarise_curves,
     threshold_sparsity,
@@ -385,8 +383,9 @@ def test_cli_prune_summary(tmp_path):
     paper = tmp_path / "paper.csv"
     pd.DataFrame({"scope": "global", "importance": "fisher", "sparsity": [0, 0.5], "mean_acc": [0.98, 0.9],
                   "ci95": 0.01, "n_runs": 10}).to_csv(paper, index=False)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
+    from ewcstab.cli import build_parser
+
+    parser = build_parser()
     args = parser.parse_args([
         "prune-summary", "--inputs", *inputs, "--curves-out", str(tmp_path / "c.csv"),
         "--thresholds-out", str(tmp_path / "t.csv"), "--thresholds-md", str(tmp_path / "t.md"),
@@ -402,7 +401,7 @@ def test_cli_prune_summary(tmp_path):
     args = parser.parse_args(["prune", "--out", str(tmp_path / "x.csv"), "--importance-data", "heldout",
                               "--importances", "magnitude", "nonsense"])
     from ewcstab.config import ConfigError
-    from ewcstab.pruning.command import config_from_args
+    from ewcstab.cli.prune import config_from_args
 
     with pytest.raises(ConfigError, match="nonsense"):
         config_from_args(args)

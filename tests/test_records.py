@@ -14,7 +14,7 @@ from ewcstab.errors import DataError
 
 
 def record(arch="mlp", method="mas", variant="original", lam=4.5, seed=1, **config) -> dict:
-    """A run record with the keys ewcstab.train.record writes (two tasks)."""
+    """A run record with the keys ewcstab.records.run_record writes (two tasks)."""
     cfg = {"arch": arch, "sequence": "permuted_mnist", "method": method, "variant": variant, "lam": lam,
            "seed": seed, "n_tasks": 2, **config}
     return {"schema": "ewcstab.run/1", "config": cfg, "seed": seed, "tasks": ["mnist", "mnist_perm2"],

@@ -19,7 +19,6 @@ built from it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -29,14 +28,13 @@ import pandas as pd
 
 from ewcstab.config import ARCHS, METHODS, OPTIMIZER_STATES, OPTIMIZERS, VARIANTS
 from ewcstab.errors import DataError
-from ewcstab.io import read_json, write_text_atomic
 from ewcstab.metrics import mean_ci95
 
 KEYS = ["arch", "method", "variant"]
 #: Optimizer states in the order Table 1 shows them; records without the field are fresh.
 STATES = ("carried", "fresh")
 
-#: Every run record has these keys (``ewcstab.train.record``), and its config these.
+#: Every run record has these keys (``ewcstab.records.run_record``), and its config these.
 RECORD_SCHEMA = "ewcstab.run/"
 RECORD_KEYS = ("schema", "config", "seed", "tasks", "acc_matrix", "mean_acc_after_task", "final_mean_acc",
                "diverged", "train_seconds", "provenance")
@@ -246,49 +244,3 @@ def to_latex(table: pd.DataFrame) -> str:
              "the Adam state of the run before it, as the authors' scripts ran; fresh: a new optimizer per run. "
              "gap: (ours - paper) / the paper's 95% half-width.")
     return latex.to_latex(display_table(table), TABLE1_CAPTION, "tab:continual", notes)
-
-
-def cmd_gather(args: argparse.Namespace) -> int:
-    parts = [gather_records(paths, role) for paths, role in ((args.final, "final"), (args.baseline, "baseline"),
-                                                            (args.sweep, "sweep")) if paths]
-    if not parts:
-        from ewcstab.errors import ConfigError
-
-        raise ConfigError("gather: give run records with --final, --baseline or --sweep")
-    write_text_atomic(args.out, pd.concat(parts, ignore_index=True).to_csv(index=False))
-    return 0
-
-
-def cmd_table(args: argparse.Namespace) -> int:
-    runs = pd.read_csv(args.runs)
-    best = [read_json(p) for p in args.search]
-    paper = None
-    if args.paper:
-        if not Path(args.paper).is_file():
-            from ewcstab.config import ConfigError
-
-            raise ConfigError(f"paper_continual: {args.paper!r} does not exist (the paper's reference CSV)")
-        paper = pd.read_csv(args.paper)
-    table = continual_table(runs, best, paper)
-    write_text_atomic(args.csv_out, table.to_csv(index=False))
-    write_text_atomic(args.md_out, to_markdown(table))
-    if args.tex_out:
-        write_text_atomic(args.tex_out, to_latex(table))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("gather", help="run records (JSON) -> one long-format CSV")
-    g.add_argument("--final", nargs="*", default=[], help="run records of the final runs")
-    g.add_argument("--baseline", nargs="*", default=[], help="run records of the lambda = 0 baselines")
-    g.add_argument("--sweep", nargs="*", default=[], help="run records of lambda sweeps")
-    g.add_argument("--out", required=True, help="CSV, one row per run and task")
-    g.set_defaults(func=cmd_gather)
-    t = sub.add_parser("table", help="Table 1: best lambda and accuracy per (arch, method, variant), paper beside")
-    t.add_argument("--runs", required=True, help="CSV written by 'ewcstab gather'")
-    t.add_argument("--search", nargs="+", required=True, help="best_lambda JSON of each search")
-    t.add_argument("--paper", help="the paper's reference CSV (paper_continual.csv)")
-    t.add_argument("--csv-out", required=True)
-    t.add_argument("--md-out", required=True)
-    t.add_argument("--tex-out", help="the same table in LaTeX (booktabs)")
-    t.set_defaults(func=cmd_table)

@@ -113,14 +113,17 @@ class RunConfig:
     def from_file(cls, path: str | Path) -> "RunConfig":
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {what}; expected a YAML or JSON file of run settings")
+        import yaml
 
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
+        kind = "JSON" if path.suffix == ".json" else "YAML"  # any other name is read as YAML (JSON is YAML too)
+        try:
+            text = path.read_text()
+            values = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:  # JSONDecodeError: a ValueError
+            raise ConfigError(f"config file {str(path)!r} is not readable as {kind}: {_one_line(err)}") from None
+        values = {} if values is None else values
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
         return cls.from_dict(values)
@@ -190,13 +193,21 @@ class RunConfig:
                     f"n_tasks: {self.n_tasks} is more than the {longest} tasks of sequence "
                     f"{self.resolved_sequence!r}; allowed: 1..{longest}"
                 )
-        if not (
+        if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda")
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise ConfigError(f"device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+        if self.data_root is not None and (not isinstance(self.data_root, str) or not self.data_root):
+            raise ConfigError(f"data_root: {self.data_root!r} is not allowed; allowed: a folder path (text), "
+                              "or null for $EWCSTAB_DATA, else ./data")
         if not isinstance(self.download, bool):
             raise ConfigError(f"download: {self.download!r} must be true or false")
+
+
+def _one_line(err: Exception) -> str:
+    """An exception's message on one line (parsers report over several)."""
+    return " ".join(str(err).split())
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -21,19 +21,18 @@ records into tidy tables:
   the largest gradient norm and kappa seen, and the fraction of steps clipping fired.
 - ``gather_traces``: the per-step gradient norms of the traced runs (``ewcstab run --trace``), long format.
 
-CLI: ``ewcstab explosion-gather``, ``ewcstab explosion-summary``, ``ewcstab explosion-traces``.
+CLI (``ewcstab.cli.explosion``): ``ewcstab explosion-gather``, ``explosion-summary``, ``explosion-traces``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from ewcstab.io import read_json, write_text_atomic
+from ewcstab.io import read_json
 from ewcstab.metrics import mean_ci95
 
 #: The study's axes: one summary row per GROUP, one run per GROUP + seed.
@@ -299,46 +298,8 @@ def gather_traces(paths: Iterable[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TRACE_COLUMNS)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def cmd_gather(args: argparse.Namespace) -> int:
-    write_text_atomic(args.out, gather_runs(args.records).to_csv(index=False))
-    return 0
-
-
-def cmd_summary(args: argparse.Namespace) -> int:
-    summary = summarize(pd.read_csv(args.runs))
-    write_text_atomic(args.csv_out, summary.to_csv(index=False))
-    write_text_atomic(args.md_out, summary_markdown(summary))
-    if args.tex_out:
-        write_text_atomic(args.tex_out, summary_latex(summary))
-    return 0
-
-
-def cmd_traces(args: argparse.Namespace) -> int:
-    write_text_atomic(args.out, gather_traces(args.records).to_csv(index=False))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("explosion-gather", help="gradient-explosion study: run records -> one row per run and task")
-    g.add_argument("--records", nargs="+", required=True, help="run records (JSON) of the lambda sweep")
-    g.add_argument("--out", required=True, help="CSV (explosion_runs.csv)")
-    g.set_defaults(func=cmd_gather)
-    s = sub.add_parser("explosion-summary",
-                       help="gradient-explosion study: runs, divergences, accuracy ± 95%% CI per lambda")
-    s.add_argument("--runs", required=True, help="CSV written by 'ewcstab explosion-gather'")
-    s.add_argument("--csv-out", required=True)
-    s.add_argument("--md-out", required=True)
-    s.add_argument("--tex-out", help="the same table in LaTeX (booktabs)")
-    s.set_defaults(func=cmd_summary)
-    t = sub.add_parser("explosion-traces", help="gradient-explosion study: traced runs -> one row per step")
-    t.add_argument("--records", nargs="+", required=True, help="run records made with 'ewcstab run --trace'")
-    t.add_argument("--out", required=True, help="CSV (explosion_traces.csv)")
-    t.set_defaults(func=cmd_traces)
-
-
 __all__ = [
     "CLAIMS", "CLAIM_COLUMNS", "claims", "GROUP", "RUN_COLUMNS", "SUMMARY_COLUMNS", "TRACE_COLUMNS", "gather_runs", "gather_traces", "per_run",
-    "register", "run_rows", "summarize", "summary_display", "summary_latex", "summary_markdown",
+    "run_rows", "summarize", "summary_display", "summary_latex", "summary_markdown",
     "trace_rows",
 ]

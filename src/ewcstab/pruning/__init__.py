@@ -4,10 +4,10 @@
 - ``curve``: accuracy at every sparsity 0, 0.001, ..., 1 in one pass (fast for nn.Linear chains).
 - ``experiment``: train one network on MNIST, compute the importances, write its curves.
 - ``summary``: mean curves over networks, sparsity thresholds, the paper's values beside ours.
-- ``command``: the ``ewcstab prune`` and ``ewcstab prune-summary`` subcommands (``register``).
+
+The ``ewcstab prune`` and ``ewcstab prune-summary`` commands are in ``ewcstab.cli.prune``.
 """
 
-from ewcstab.pruning.command import register
 from ewcstab.pruning.curve import PruningCurve, linear_chain, pruning_curve
 from ewcstab.pruning.experiment import (
     CURVE_COLUMNS,
@@ -46,7 +46,7 @@ __all__ = [
     "CURVE_COLUMNS", "IMPORTANCE_DATA", "PRUNING_IMPORTANCES", "SCOPES", "NetworkResult", "PruneConfig",
     "PruningCurve", "StepObservers", "apply_pruning", "compare_at", "linear_chain", "make_permanent",
     "n_to_prune", "prune_groups", "prune_network", "pruned_counts", "pruning_curve", "pruning_order",
-    "rank_positions", "read_curves", "read_paper", "register", "run_pruning_experiment", "sparsity_levels",
+    "rank_positions", "read_curves", "read_paper", "run_pruning_experiment", "sparsity_levels",
     "summarise_curves", "threshold_sparsity", "thresholds_markdown", "thresholds_table", "train_network",
     "write_curves",
 ]

@@ -40,10 +40,9 @@ from ewcstab.data import build_tasks, data_checksums, resolve_data_root
 from ewcstab.device import resolve_device, synchronize
 from ewcstab.importance import REGISTRY as IMPORTANCE_REGISTRY
 from ewcstab.importance import build_importance
-from ewcstab.interfaces import Importance, Networks, ParamDict, Task
+from ewcstab.interfaces import Importance, Networks, Task
 from ewcstab.io import write_json_atomic, write_text_atomic
 from ewcstab.metrics import accuracy
-from ewcstab.models import build_model
 from ewcstab.pruning.curve import CURVE_METHODS, pruning_curve
 from ewcstab.pruning.ranking import SCOPES, sparsity_levels
 from ewcstab.engine import Engine

@@ -1,14 +1,17 @@
-"""``ewcstab prune`` (one network's pruning curves) and ``ewcstab prune-summary`` (over networks)."""
+"""``ewcstab prune`` (one network's pruning curves) and ``ewcstab prune-summary`` (over networks).
+
+The allowed values of --importance-data, --scopes, --curve-method and --importances are checked by
+``PruneConfig.validate`` when the command runs (one line naming the flag), not by argparse: their lists
+live in modules that import torch, which ``ewcstab --help`` does not load.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from ewcstab.pruning.curve import CURVE_METHODS
-from ewcstab.pruning.experiment import IMPORTANCE_DATA, PRUNING_IMPORTANCES, PruneConfig
-from ewcstab.pruning.ranking import SCOPES
-from ewcstab.pruning.summary import COMPARE_AT, TOLERANCES
+from ewcstab.cli.common import check_inputs, check_outputs, positive_int, set_threads
+from ewcstab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +24,10 @@ PRUNE_FLAGS = {
 }
 
 
-def config_from_args(args: argparse.Namespace) -> PruneConfig:
+def config_from_args(args: argparse.Namespace):
+    """The validated ``PruneConfig`` of the flags given (the others keep PruneConfig's defaults)."""
+    from ewcstab.pruning.experiment import PruneConfig
+
     values = {field: getattr(args, flag) for flag, field in PRUNE_FLAGS.items() if getattr(args, flag) is not None}
     for name in ("importances", "scopes"):
         if name in values:
@@ -32,13 +38,17 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import torch
+    from ewcstab.device import check_device
+    from ewcstab.pruning.experiment import metadata_path, run_pruning_experiment, write_curves
 
-    from ewcstab.pruning.experiment import run_pruning_experiment, write_curves
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    try:
+        meta_out = args.meta_out or str(metadata_path(args.out))
+    except ValueError as err:  # a curve table named *.json would clash with its metadata
+        raise ConfigError(f"out: {err}") from None
+    check_outputs({"out": args.out, "meta-out": meta_out})
     cfg = config_from_args(args)
+    set_threads(args.threads)
+    check_device(cfg.device)
     curves, meta = run_pruning_experiment(cfg, progress=not args.no_progress)
     meta_path = write_curves(curves, meta, args.out, args.meta_out)
     log.info("unpruned accuracy %.4f; curves -> %s, metadata -> %s", meta["unpruned_accuracy"], args.out, meta_path)
@@ -46,10 +56,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_prune_summary(args: argparse.Namespace) -> int:
+    check_inputs("inputs", args.inputs, "a curve table (CSV) of 'ewcstab prune'")
+    check_inputs("paper", args.paper, "the paper's pruning table (paper_pruning.csv)")
+    check_outputs({"curves-out": args.curves_out, "all-out": args.all_out, "thresholds-out": args.thresholds_out,
+                   "thresholds-md": args.thresholds_md, "thresholds-tex": args.thresholds_tex,
+                   "comparison-out": args.comparison_out})
     from ewcstab.io import write_text_atomic
     from ewcstab.pruning.summary import (
-        compare_at, read_curves, read_paper, summarise_curves, thresholds_latex, thresholds_markdown,
-        thresholds_table,
+        COMPARE_AT, TOLERANCES, compare_at, read_curves, read_paper, summarise_curves, thresholds_latex,
+        thresholds_markdown, thresholds_table,
     )
 
     curves = read_curves(args.inputs)
@@ -57,8 +72,8 @@ def cmd_prune_summary(args: argparse.Namespace) -> int:
         write_text_atomic(args.all_out, curves.to_csv(index=False))
     summary = summarise_curves(curves)
     paper = read_paper(args.paper) if args.paper else None
-    thresholds = thresholds_table(summary, paper, args.tolerances)
-    comparison = compare_at(summary, paper, args.compare_at)
+    thresholds = thresholds_table(summary, paper, args.tolerances or list(TOLERANCES))
+    comparison = compare_at(summary, paper, args.compare_at or list(COMPARE_AT))
     write_text_atomic(args.curves_out, summary.to_csv(index=False))
     if args.thresholds_out:
         write_text_atomic(args.thresholds_out, thresholds.to_csv(index=False))
@@ -85,13 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--arch", help="architecture (default mlp, the paper's 784-300-150-10)")
     p.add_argument("--seed", type=int, help="initialisation and data-order seed (default 0)")
-    p.add_argument("--importance-data", choices=IMPORTANCE_DATA,
+    p.add_argument("--importance-data", metavar="{test,heldout}",
                    help="test: importances on the MNIST test set (paper, default); heldout: on the last "
                    "--heldout-size training images, left out of training. SI always uses its training path")
     p.add_argument("--heldout-size", type=int, help="held-out training images for --importance-data heldout (10000)")
     p.add_argument("--importances", nargs="+", metavar="NAME",
-                   help=f"importances to prune by (default: {' '.join(PRUNING_IMPORTANCES)})")
-    p.add_argument("--scopes", nargs="+", choices=SCOPES, help="global and/or per_layer (default both)")
+                   help="importances to prune by: magnitude, fisher, mas, si, signal (default: all five)")
+    p.add_argument("--scopes", nargs="+", metavar="{global,per_layer}", help="global and/or per_layer (default both)")
     p.add_argument("--sparsity-step", type=float, help="grid step of the sparsity levels (default 0.001: 1001 levels)")
     p.add_argument("--epochs", type=int, help="training epochs (paper: 6)")
     p.add_argument("--batch-size", type=int, help="training batch (paper: 100)")
@@ -99,11 +114,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fisher-label", choices=("true", "predicted"), help="label of the Fisher (paper: true)")
     p.add_argument("--train-subset", type=int, help="train on the first N training images (quick runs)")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images (quick runs)")
-    p.add_argument("--curve-method", choices=CURVE_METHODS,
+    p.add_argument("--curve-method", metavar="{auto,fast,direct}",
                    help="auto (fast incremental evaluator for nn.Linear chains, else direct; default), fast, direct")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--data-root", help="torchvision data folder (default: $EWCSTAB_DATA, else ./data)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="curve table to write (atomic)")
     p.add_argument("--meta-out", metavar="FILE.json", help="metadata record (default: --out with suffix .json)")
     p.add_argument("--no-progress", action="store_true", help="no training progress bar")
@@ -125,8 +140,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--thresholds-tex", metavar="TEX", help="the threshold table in LaTeX (booktabs)")
     s.add_argument("--comparison-out", metavar="CSV", help="accuracy at --compare-at sparsities, ours and the paper's")
     s.add_argument("--paper", metavar="CSV", help="the paper's pruning table (paper_pruning.csv) to compare with")
-    s.add_argument("--tolerances", nargs="+", type=float, default=list(TOLERANCES),
+    s.add_argument("--tolerances", nargs="+", type=float,
                    help="absolute accuracy drops for the thresholds (default 0.01 0.05)")
-    s.add_argument("--compare-at", nargs="+", type=float, default=list(COMPARE_AT),
+    s.add_argument("--compare-at", nargs="+", type=float,
                    help="sparsities for the side-by-side accuracy table (default 0.5 0.7 0.8 0.9 0.95)")
     s.set_defaults(func=cmd_prune_summary)
