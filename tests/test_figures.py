@@ -300,21 +300,24 @@ def test_report_shows_every_figure_table_and_page(tiny_workflow):
     assert "Sections 2-3: continual learning" in html and "Configuration and provenance" in html
     assert '<script src="http' not in html  # nothing fetched when opened
     summary = json.loads((tiny_workflow / "results/tables/provenance.json").read_text())
-    assert summary["n_records"] == (4 + 1) * 2 + 4 and summary["inconsistent_fields"] == []
+    assert summary["n_records"] == (4 + 1) * 2 * 2 + 4 and summary["inconsistent_fields"] == []
 
 
-def test_throughput_figure_has_a_bar_per_engine_row_and_the_floors(tmp_path):
+def test_throughput_figure_has_a_panel_per_arch_a_bar_per_row_and_the_floors(tmp_path):
     from ewcstab.figures.throughput import plot_throughput
 
-    rows = [{"engine": e, "runs": r, "full_run_seconds": s, "floor_ratio": s / 40.0, "memory_floor_seconds": m}
-            for e, r, s, m in (("textbook", 1, 200.0, 12.0), ("autograd", 1, 150.0, 12.0), ("batched", 4, 90.0, 15.0))]
-    result = {"rows": rows, "floor_seconds": 40.0, "threads": 1, "device": "cpu",
-              "matmul_flops": {"best": 1.0e11}, "measured": {"tasks": 2}}
+    rows = [{"arch": a, "engine": "engine", "runs": r, "seconds_per_run": sec, "flops_per_run": 4e12,
+             "floor_seconds": floor, "floor_ratio": sec / floor}
+            for a, r, sec, floor in (("mlp", 1, 90.0, 45.0), ("mlp", 4, 70.0, 42.0), ("cnn", 1, 900.0, 400.0))]
+    rows.append({"arch": "mlp", "engine": "autograd @0230949", "runs": 1, "seconds_per_run": 110.0,
+                 "floor_ratio_best": 2.75})
+    result = {"rows": rows, "threads": 1, "device": "x86_64", "device_type": "cpu", "matmul_flops": {"best": 1.0e11}}
     fig = plot_throughput(result)
-    left, right = fig.axes[:2]
-    assert [round(p.get_height(), 6) for p in left.patches] == [200.0, 150.0, 90.0]
-    assert [round(p.get_height(), 6) for p in right.patches] == [18.0, 24.0, 40.0]
-    assert [t.get_text() for t in left.get_xticklabels()] == ["textbook", "autograd", "batched\nR=4"]
-    assert sorted(round(line.get_ydata()[0], 6) for line in left.lines) == [40.0, 52.0]  # floor, floor + memory
+    mlp, cnn = fig.axes[:2]
+    assert [round(p.get_height(), 6) for p in mlp.patches] == [90.0, 70.0, 110.0]
+    assert [t.get_text() for t in mlp.get_xticklabels()] == ["one at a time\nR=1", "stacked\nR=4",
+                                                            "autograd\n@0230949"]
+    assert [round(p.get_height(), 6) for p in cnn.patches] == [900.0]
+    assert round(mlp.lines[-1].get_ydata()[0], 6) == 40.0  # the floor at the best speed: 4e12 / 1e11
     figures.save_figure(fig, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000

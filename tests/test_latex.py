@@ -82,13 +82,19 @@ def test_checker_catches_broken_tables(broken):
 def test_table1_latex_matches_markdown_numbers():
     from ewcstab.aggregate import to_latex, to_markdown
 
-    table = pd.DataFrame([{
-        "arch": "mlp", "method": "mas", "variant": "original", "best_lambda": 4.5, "n_runs": 3, "n_diverged": 0,
-        "mean_acc_last": 0.95123, "ci95_last": 0.0021, "acc_lambda0": 0.44, "ci95_lambda0": 0.01,
-        "paper_best_lambda": 4.5, "paper_mean_acc_last": 0.9553, "paper_ci95_last": 0.0008,
-        "paper_acc_lambda0": np.nan, "paper_note": "paper grid has no lambda = 0",
-    }])
+    common = {"arch": "mlp", "method": "mas", "variant": "original", "best_lambda": 4.5, "n_diverged": 0,
+              "paper_best_lambda": 4.5, "paper_mean_acc_last": 0.9553, "paper_ci95_last": 0.0008,
+              "paper_acc_lambda0": np.nan, "paper_note": "paper grid has no lambda = 0"}
+    table = pd.DataFrame([
+        {**common, "optimizer_state": "carried", "n_runs": 3, "mean_acc_last": 0.95523, "ci95_last": 0.0011,
+         "acc_lambda0": 0.46, "gap_in_paper_ci": (0.95523 - 0.9553) / 0.0008},
+        {**common, "optimizer_state": "fresh", "n_runs": 3, "mean_acc_last": 0.95123, "ci95_last": 0.0021,
+         "acc_lambda0": 0.44, "gap_in_paper_ci": (0.95123 - 0.9553) / 0.0008},
+    ])
     rows = check_latex_table(to_latex(table))
-    assert r"0.9512 $\pm$ 0.0021" in rows[1] and r"0.9553 $\pm$ 0.0008" in rows[1]
-    assert "0.9512 ± 0.0021" in to_markdown(table)
-    assert rows[1][-1] == "paper grid has no lambda = 0" and len(rows[0]) == 12
+    line = " & ".join(rows[1])
+    assert r"0.9512 $\pm$ 0.0021, 3 runs" in line and r"0.9552 $\pm$ 0.0011, 3 runs" in line
+    assert r"0.9553 $\pm$ 0.0008" in rows[1] and "-5.1" in rows[1] and "-0.1" in rows[1]
+    markdown = to_markdown(table)
+    assert "0.9512 ± 0.0021, 3 runs" in markdown and "ours, carried: acc (95% CI)" in markdown
+    assert rows[1][-1] == "paper grid has no lambda = 0" and len(rows[0]) == 14

@@ -42,18 +42,20 @@ def finished(tiny_workflow) -> Path:
 
 def test_outputs_exist_parse_and_have_expected_rows(finished):
     table = pd.read_csv(finished / "results/tables/table1_continual.csv")
-    assert sorted(zip(table.arch, table.method, table.variant)) == [
-        ("mlp", m, v) for m in ("mas", "si") for v in ("original", "stabilized")
+    assert sorted(zip(table.arch, table.method, table.variant, table.optimizer_state)) == [
+        ("mlp", m, v, s) for m in ("mas", "si") for v in ("original", "stabilized") for s in ("carried", "fresh")
     ]
-    assert (table.n_runs == 2).all() and (table.n_diverged == 0).all()
+    assert (table.n_runs == 2).all() and (table.n_diverged == 0).all() and (table.n_runs_lambda0 == 2).all()
     assert table.mean_acc_last.between(0.1, 1.0).all()
     assert table.paper_mean_acc_last.notna().all()  # all four are in the paper
+    assert table.gap_in_paper_ci.notna().all()
     runs = pd.read_csv(finished / "results/tables/continual_runs.csv")
-    # (4 studies x 2 final seeds + 2 baseline seeds) runs x 2 tasks
-    assert len(runs) == (4 * 2 + 2) * 2
-    assert set(runs.role) == {"final", "baseline"}
+    # (4 studies x 2 final seeds + 2 baseline seeds) runs x 2 optimizer states x 2 tasks
+    assert len(runs) == (4 * 2 + 2) * 2 * 2
+    assert set(runs.role) == {"final", "baseline"} and set(runs.optimizer_state) == {"carried", "fresh"}
     md = (finished / "results/tables/table1_continual.md").read_text()
     assert "paper: acc (95% CI)" in md and md.count("\n| mlp") == 4
+    assert "ours, carried: acc (95% CI)" in md and "ours, fresh: acc (95% CI)" in md
     tex = check_latex_table((finished / "results/tables/table1_continual.tex").read_text())
     assert len(tex) == 1 + 4 and [r[:3] for r in tex[1:]] == [
         ["mlp", m, v] for m in ("mas", "si") for v in ("original", "stabilized")
@@ -64,12 +66,14 @@ def test_outputs_exist_parse_and_have_expected_rows(finished):
         trials = pd.read_csv(finished / f"results/search/mlp/{study}/trials.csv")
         assert len(trials) == 2 and "lam" in trials
         assert len(list((finished / f"results/search/mlp/{study}/runs").glob("trial*_seed*.json"))) >= 1
-    rec = json.loads((finished / "results/runs/mlp/mas/original/seed0.json").read_text())
+    carried = json.loads((finished / "results/runs/mlp/mas/original/carried/seed1.json").read_text())
+    assert carried["config"]["optimizer_state"] == "carried" and carried["chain"]["predecessor_seed"] == 1_000_001
+    rec = json.loads((finished / "results/runs/mlp/mas/original/fresh/seed0.json").read_text())
     assert rec["config"]["lam"] == pytest.approx(
         json.loads((finished / "results/search/mlp/mas/original/best_lambda.json").read_text())["best_lambda"]
     )
     assert (finished / "logs/search/mlp/mas/original/worker0.log").exists()
-    assert (finished / "benchmarks/runs/mlp/baseline/seed0.tsv").exists()
+    assert (finished / "benchmarks/runs/mlp/baseline/fresh/seeds0_1.tsv").exists()
 
 
 def test_deleting_a_table_rebuilds_only_that_table(finished):
@@ -124,24 +128,26 @@ def test_default_config_lists_the_whole_paper_reproduction(workdir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.MULTILINE)}
-    # mlp: 4 methods x 2 variants; cnn: 3 methods x 2 variants = 14 studies, 20 seeds each, 2 baselines
+    # mlp: 4 methods x 2 variants; cnn: 3 methods x 2 variants = 14 studies, 20 seeds each, 2 baselines,
+    # each in both optimizer states (carried, fresh)
     assert counts["tune_lambda"] == 14 and counts["summarize_search"] == 14
-    assert counts["train_final"] == 280
-    assert counts["train_baseline"] == 40
+    assert counts["train_final"] == 2 * 280
+    assert counts["train_baseline"] == 2 * 40
     assert counts["fetch_dataset"] == 2  # MNIST and Fashion-MNIST, once each
 
 
 def test_demo_config_plans_the_quick_start(workdir):
-    """README quick start: MAS at the paper's lambdas (one-point grids), 3 seeds each, 3 at lambda = 0."""
+    """README quick start: MAS at the paper's lambdas (fixed, no search), 3 seeds each, 3 at lambda = 0."""
     proc = subprocess.run([*SNAKEMAKE, "-n", "results/tables/table1_continual.md", "--cores", "1",
                            "--configfile", "config/demo.yaml"], cwd=workdir, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", out, re.MULTILINE)}
-    assert counts == {"fetch_dataset": 1, "write_run_config": 1, "tune_lambda": 2, "summarize_search": 2,
-                      "train_final": 6, "train_baseline": 3, "gather_runs": 1, "make_table1": 1, "total": 17}
-    assert "--low 4.5 --high 4.5 --grid-n 1" in out and "--low 8.5 --high 8.5 --grid-n 1" in out
+    assert counts == {"fetch_dataset": 1, "write_run_config": 1, "write_fixed_lambda": 2, "train_final": 6,
+                      "train_baseline": 3, "gather_runs": 1, "make_table1": 1, "total": 15}
+    assert "results/lambdas/mlp/mas/original/fixed_lambda.json" in out
+    assert "results/runs/mlp/mas/stabilized/fresh/seed2.json" in out and "/carried/" not in out
 
 
 def test_dry_run_shows_the_data_stage_before_any_training(workdir):
@@ -165,7 +171,7 @@ def test_a_wrong_data_root_fails_in_the_data_job_and_creates_nothing(workdir):
     root = workdir / "mistyped" / "root"
     (workdir / "wrong_root.yaml").write_text(f"data_root: {root}\ndownload: true\n")
     proc = subprocess.run(
-        [*SNAKEMAKE, "results/runs/mlp/baseline/seed0.json", "--cores", "2", "--configfile", "config/quick.yaml",
+        [*SNAKEMAKE, "results/runs/mlp/baseline/fresh/seed0.json", "--cores", "2", "--configfile", "config/quick.yaml",
          "tiny.yaml", "wrong_root.yaml"], cwd=workdir, capture_output=True, text=True, timeout=300,
         env={**os.environ, "EWCSTAB_DATA": "", "no_proxy": "", "https_proxy": "http://127.0.0.1:9",
              "http_proxy": "http://127.0.0.1:9"},  # nothing can be fetched

@@ -41,7 +41,8 @@ def get_studies():
         for a in c["archs"]
         for m in c["methods"]
         for v in c["variants"]
-        if v in c["space"].get(a, {}).get(m, {}) or get_fixed_lambda(a, m, v) is not None
+        if v in c["space"].get(a, {}).get(m, {})
+        or get_fixed_lambda(a, m, v) is not None
     ]
 
 
@@ -66,7 +67,7 @@ def get_chain_length():
 
 
 def get_state_flags(state):
-    """ewcstab flags of an optimizer state (the chain length only matters when carried)."""
+    """The run flags of an optimizer state (the chain length only matters when carried)."""
     return f"--optimizer-state {state} --chain-length {get_chain_length()}"
 
 
@@ -80,10 +81,13 @@ def get_lambda_file(wildcards):
     """The JSON whose `best_lambda` the final runs use: a fixed lambda's file, else the search's result."""
     path = (
         FIXED_LAMBDA
-        if get_fixed_lambda(wildcards.arch, wildcards.method, wildcards.variant) is not None
+        if get_fixed_lambda(wildcards.arch, wildcards.method, wildcards.variant)
+        is not None
         else BEST_LAMBDA
     )
-    return path.format(arch=wildcards.arch, method=wildcards.method, variant=wildcards.variant)
+    return path.format(
+        arch=wildcards.arch, method=wildcards.method, variant=wildcards.variant
+    )
 
 
 def get_run_settings(wildcards):
@@ -212,8 +216,12 @@ def get_sweep_records(wildcards=None):
     """Every run of every sweep, in every optimizer state."""
     return [
         SWEEP_RUN.format(
-            arch=w["arch"], method=w["method"], variant=w["variant"], state=st,
-            lam=lam_label(lam), seed=s,
+            arch=w["arch"],
+            method=w["method"],
+            variant=w["variant"],
+            state=st,
+            lam=lam_label(lam),
+            seed=s,
         )
         for w in get_sweeps()
         for st in get_states()
@@ -317,7 +325,10 @@ def get_provenance_records(wildcards=None):
         *get_final_records(),
         *get_baseline_records(),
         *get_sweep_records(),
-        *[BEST_LAMBDA.format(arch=a, method=m, variant=v) for a, m, v in get_searched_studies()],
+        *[
+            BEST_LAMBDA.format(arch=a, method=m, variant=v)
+            for a, m, v in get_searched_studies()
+        ],
     ]
 
 

@@ -130,11 +130,11 @@ rule plot_lambda_sweep:
             labels={"figure": "accuracy vs lambda, fixed grid", "arch": "{arch}"},
         ),
         pdf=LAMBDA_SWEEP_FIG["pdf"],
-    localrule: True
     log:
         "logs/figures/{arch}/lambda_sweep.log",
     benchmark:
         "benchmarks/figures/{arch}/lambda_sweep.tsv"
+    localrule: True
     conda:
         ENV
     threads: 1

@@ -6,9 +6,9 @@
 rule write_fixed_lambda:
     output:
         FIXED_LAMBDA,
-    localrule: True
     log:
         "logs/lambdas/{arch}/{method}/{variant}.log",
+    localrule: True
     conda:
         ENV
     threads: 1

@@ -43,9 +43,9 @@ rule gather_sweeps:
         get_sweep_records,
     output:
         SWEEP_TABLE,
-    localrule: True
     log:
         "logs/aggregate/gather_sweeps.log",
+    localrule: True
     conda:
         ENV
     threads: 1

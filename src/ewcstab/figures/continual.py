@@ -43,10 +43,17 @@ BOTTOM = 0.03
 LINE_WIDTHS = {"original": 2.6, "stabilized": 1.4}
 #: Legend entries of plot_lambda_search that are marker kinds, not variants.
 _KINDS = {"complete", "pruned", "diverged", "final", "paper", "baseline"}
-#: Line style and marker of each optimizer state (the paper's curves are dashed).
+#: Line style and marker of each optimizer state where both are drawn (the paper's curves are dashed).
 STATE_STYLES = {"carried": ("-", "o"), "fresh": (":", "^")}
 STATE_NAMES = {"carried": "Adam state carried from the run before (as the authors ran)",
                "fresh": "fresh Adam per run"}
+
+
+def state_styles(states) -> dict[str, tuple[str, str]]:
+    """Line style and marker per optimizer state: ``STATE_STYLES`` where several states are drawn, solid
+    with circles for a lone state."""
+    states = sorted(set(states))
+    return STATE_STYLES if len(states) > 1 else {s: ("-", "o") for s in states}
 
 
 def pick_arch(df: pd.DataFrame, arch: str | None, what: str) -> str:
@@ -104,6 +111,7 @@ def plot_lambda_search(
     methods = style.ordered(t["method"].unique(), style.METHODS)
     fig, axes = style.new_panels(len(methods), sharey=True)
     finals = final_at_best(runs[runs["arch"] == arch]) if runs is not None else pd.DataFrame()
+    styles = state_styles(finals[STATE] if len(finals) else [])
     bases: dict[str, tuple[float, float]] = {}
     if runs is not None:
         last = last_task_rows(runs[runs["arch"] == arch], "baseline")
@@ -119,7 +127,7 @@ def plot_lambda_search(
             if len(finals):
                 f = finals[(finals["method"] == method) & (finals["variant"] == variant)]
                 for state, fs in f.groupby(STATE):
-                    drawn = _draw_points(ax, fs["lam"], fs["mean_acc"], fs["ci95"], STATE_STYLES[state][1], 7, c,
+                    drawn = _draw_points(ax, fs["lam"], fs["mean_acc"], fs["ci95"], styles[state][1], 7, c,
                                          "final")
                     used |= drawn | ({f"final {state}"} if drawn else set())
             if table1 is not None and "paper_best_lambda" in table1:
@@ -128,7 +136,7 @@ def plot_lambda_search(
                                      "*", 13, c, "paper")
         for state, base in bases.items():
             if _finite(base[0]):
-                ax.axhline(base[0], color=style.BASELINE_COLOR, ls=STATE_STYLES[state][0], lw=1.5, zorder=1)
+                ax.axhline(base[0], color=style.BASELINE_COLOR, ls=_baseline_ls(state, styles), lw=1.5, zorder=1)
                 if _finite(base[1]):
                     ax.axhspan(base[0] - base[1], base[0] + base[1], color=style.BASELINE_COLOR, alpha=0.12, lw=0)
                 used |= {"baseline", f"baseline {state}"}
@@ -139,8 +147,13 @@ def plot_lambda_search(
         if style.first_in_row(ax):
             ax.set_ylabel(ACC_LABEL)
     fig.suptitle(f"Accuracy after the last task against λ: {_arch_title(arch, _n_tasks(runs, arch))}")
-    _legend(fig, used)
+    _legend(fig, used, styles)
     return fig
+
+
+def _baseline_ls(state: str, styles: dict[str, tuple[str, str]]) -> str:
+    """The lambda = 0 line of the accuracy-vs-lambda figure: dotted, dash-dotted for fresh beside carried."""
+    return "-." if len(styles) > 1 and state == "fresh" else ":"
 
 
 def _draw_trials(ax, tv: pd.DataFrame, color: str) -> set[str]:
@@ -171,7 +184,7 @@ def _draw_points(ax, lam, mean, half, marker: str, size: float, color: str, kind
     return drawn
 
 
-def _legend(fig: Figure, used: set[str]) -> None:
+def _legend(fig: Figure, used: set[str], styles: dict[str, tuple[str, str]]) -> None:
     """One legend under the figure: colour = variant, marker = what a point is (only what is drawn)."""
     grey = "#444444"
     variants = [Line2D([], [], color=style.color_of(v, style.VARIANT_COLORS), lw=3, label=v)
@@ -186,12 +199,12 @@ def _legend(fig: Figure, used: set[str]) -> None:
         ("baseline", Line2D([], [], ls=":", lw=1.5, color=style.BASELINE_COLOR, label="λ = 0, final seeds: mean ± 95% CI")),
     ]
     handles = variants + [h for k, h in kinds if k in used and k not in ("final", "baseline")]
-    for state, (ls, marker) in STATE_STYLES.items():
+    for state, (ls, marker) in styles.items():
         if f"final {state}" in used:
             handles.append(Line2D([], [], ls="", marker=marker, color=grey, mec="black",
                                   label=f"final runs at chosen λ, {state}: mean ± 95% CI"))
         if f"baseline {state}" in used:
-            handles.append(Line2D([], [], ls=ls, lw=1.5, color=style.BASELINE_COLOR,
+            handles.append(Line2D([], [], ls=_baseline_ls(state, styles), lw=1.5, color=style.BASELINE_COLOR,
                                   label=f"λ = 0, {state}: mean ± 95% CI"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)), fontsize="small")
 
@@ -213,18 +226,20 @@ def plot_task_curves(runs: pd.DataFrame, paper: pd.DataFrame | None = None, arch
     if not methods:
         raise ValueError(f"no final runs for arch {arch!r}")
     ref = paper_task_curves(paper[paper["arch"] == arch]) if paper is not None else None
+    styles = state_styles(curves[STATE])
     fig, axes = style.new_panels(len(methods), sharey=True)
     used: set[str] = set()
     for ax, method in zip(axes, methods):
         lams = []
         for state, part in base.groupby(STATE):
-            _line_band(ax, part, style.BASELINE_COLOR, STATE_STYLES[state][0], STATE_STYLES[state][1], alpha=0.12)
+            ls, marker = styles.get(state, ("-", "o"))
+            _line_band(ax, part, style.BASELINE_COLOR, ls, marker, alpha=0.12)
             used.add("baseline")
         for variant in style.ordered(curves.loc[curves["method"] == method, "variant"].unique(), style.VARIANTS):
             c = style.color_of(variant, style.VARIANT_COLORS)
             cv = curves[(curves["method"] == method) & (curves["variant"] == variant)]
             for state, part in cv.groupby(STATE):
-                ls, marker = STATE_STYLES[state]
+                ls, marker = styles[state]
                 _line_band(ax, part, c, ls, marker, lw=LINE_WIDTHS.get(variant, 1.8))
                 used |= {variant, f"state {state}"}
                 if part["n_diverged"].iloc[0]:
@@ -253,8 +268,9 @@ def plot_task_curves(runs: pd.DataFrame, paper: pd.DataFrame | None = None, arch
     variants = {u for u in used if u in style.VARIANTS}
     handles = [Line2D([], [], color=style.color_of(v, style.VARIANT_COLORS), lw=3, label=f"ours: {v}, mean ± 95% CI")
                for v in style.ordered(variants, style.VARIANTS)]
-    handles += [Line2D([], [], color=grey, ls=ls, marker=marker, label=f"ours, {STATE_NAMES[state]}")
-                for state, (ls, marker) in STATE_STYLES.items() if f"state {state}" in used]
+    if len(styles) > 1:
+        handles += [Line2D([], [], color=grey, ls=ls, marker=marker, label=f"ours, {STATE_NAMES[state]}")
+                    for state, (ls, marker) in styles.items() if f"state {state}" in used]
     if "baseline" in used:
         handles.append(Line2D([], [], color=style.BASELINE_COLOR, lw=3, label="ours: λ = 0 (no penalty)"))
     if "paper" in used:
@@ -351,13 +367,14 @@ def plot_lambda_sweep(sweep: pd.DataFrame, paper: pd.DataFrame | None = None, ar
     studies = list(points.groupby(["method", "variant"], sort=False).groups)
     studies.sort(key=lambda k: (style.METHODS.index(k[0]) if k[0] in style.METHODS else 99,
                                 style.VARIANTS.index(k[1]) if k[1] in style.VARIANTS else 99))
+    styles = state_styles(points[STATE])
     fig, axes = style.new_panels(len(studies), panel=(4.6, 3.4), sharey=True)
     for ax, (method, variant) in zip(axes, studies):
         c = style.color_of(variant, style.VARIANT_COLORS)
         handles = []
         part = points[(points["method"] == method) & (points["variant"] == variant)]
         for state, ps in part.groupby(STATE):
-            ls, marker = STATE_STYLES[state]
+            ls, marker = styles[state]
             ps = ps.sort_values("lam")
             pos, zero = ps[ps["lam"] > 0], ps[ps["lam"] == 0]
             x, m, h = pos["lam"].to_numpy(), pos["mean_acc"].to_numpy(float), pos["ci95"].to_numpy(float)
