@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import REPO, copy_workflow
 from test_latex import check_latex_table
@@ -213,3 +214,20 @@ def test_pruning_outputs(finished):
     assert len(tex) == 1 + len(thresholds)
     for scope in ("global", "per_layer"):
         assert (finished / f"results/figures/pruning/{scope}.png").stat().st_size > 10_000
+
+
+def test_jobs_that_ask_for_a_gpu_train_on_cuda(tmp_path, data_root):
+    """resources.<kind>.gpu > 0 with device auto: the runs are told `cuda`, so where CUDA is missing they fail
+    with one line (ewcstab's device check) instead of training on the CPU."""
+    work = copy_workflow(tmp_path)
+    (work / "gpu.yaml").write_text(f"data_root: {data_root}\nresources:\n  search: {{gpu: 1}}\n  train: {{gpu: 1}}\n")
+    proc = subprocess.run([*SNAKEMAKE, "results/configs/mlp.yaml", "--cores", "1", "--configfile",
+                           "config/quick.yaml", "tiny.yaml", "gpu.yaml"], cwd=work, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml.safe_load((work / "results/configs/mlp.yaml").read_text())["device"] == "cuda"
+    dry = subprocess.run([*SNAKEMAKE, "-n", "-p", "--cores", "1", "--configfile", "config/quick.yaml", "tiny.yaml",
+                          "gpu.yaml"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    searches = re.findall(r"ewcstab search [^\n]*", dry.stdout + dry.stderr)
+    assert searches and all("--device cuda" in line for line in searches)

@@ -4,7 +4,7 @@
 returns their outcomes in order:
 
 - ``optimizer_state: fresh`` (docs/protocol.md): every run starts with a new optimizer. The runs are
-  stacked in batches of ``runs_per_batch`` (default: ``CPU_RUNS_PER_BATCH`` on a CPU, all on a GPU).
+  stacked in batches of ``runs_per_batch`` (default: ``CPU_RUNS_PER_THREAD`` per CPU thread, all on a GPU).
 - ``optimizer_state: carried``: as the authors' scripts ran. Their Adam was created once per process and
   never reset between runs, so every run but a process's first started from the Adam state (both
   moments and the step count) the run before it ended with. Here a run belongs to the chain of its
@@ -25,6 +25,7 @@ their provenance.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,18 +44,19 @@ from ewcstab.telemetry import BlowupRule
 
 log = logging.getLogger(__name__)
 
-#: Runs stacked together on a CPU when the caller does not say (more are trained batch after batch):
-#: per run, R = 4 is about as fast as any R on a 2-core machine (docs/performance.md); larger stacks stream
-#: their per-run state (parameters, gradients, Adam moments, anchor, coefficients) from further away.
-CPU_RUNS_PER_BATCH = 4
+#: Runs stacked together per CPU thread when the caller does not say (more are trained batch after batch):
+#: torch splits a batched product over threads by run, so R should be a multiple of the threads, and per
+#: thread R = 4 is about as fast as any R on the 2-core development machine (docs/performance.md).
+CPU_RUNS_PER_THREAD = 4
 
 #: ``after_task(t, accuracies on tasks 1..t)`` of a single run; raise ``StopRun`` to stop it there.
 AfterTask = Callable[[int, list[float]], None]
 
 
 def default_runs_per_batch(device: torch.device) -> int | None:
-    """Runs per batch when not given: ``CPU_RUNS_PER_BATCH`` on a CPU, all of them on an accelerator."""
-    return CPU_RUNS_PER_BATCH if device.type == "cpu" else None
+    """Runs per batch when not given: ``CPU_RUNS_PER_THREAD`` per torch thread on a CPU, all of them on an
+    accelerator."""
+    return CPU_RUNS_PER_THREAD * torch.get_num_threads() if device.type == "cpu" else None
 
 
 def train_runs(
@@ -62,12 +64,13 @@ def train_runs(
     after_task: BatchAfterTask | None = None, optimizer_states: list[RunState | None] | None = None,
     **options,
 ) -> tuple[list[RunOutcome], dict[str, object]]:
-    """``engine.train_stack`` over batches of at most ``runs_per_batch`` runs (it changes the speed, never
-    the results); returns the outcomes in order and the engine description of the first batch.
-    ``options``: progress, trace, blowup, cuda_graphs."""
-    size = runs_per_batch or default_runs_per_batch(device) or len(cfgs)
-    if size < 1:
+    """``engine.train_stack`` over batches of at most ``runs_per_batch`` runs, as equal in size as possible
+    (it changes the speed, never the results); returns the outcomes in order and the engine description of
+    the first batch. ``options``: progress, trace, blowup, cuda_graphs."""
+    most = runs_per_batch or default_runs_per_batch(device) or len(cfgs)
+    if most < 1:
         raise ValueError(f"runs_per_batch: {runs_per_batch!r} is not allowed; allowed: an integer >= 1")
+    size = math.ceil(len(cfgs) / math.ceil(len(cfgs) / most))  # 10 runs, at most 8: two batches of 5
     states = optimizer_states or [None] * len(cfgs)
     outcomes: list[RunOutcome] = []
     info: dict[str, object] = {}
@@ -248,5 +251,5 @@ def execute(cfg: RunConfig, progress: bool = False, after_task: AfterTask | None
     return rec
 
 
-__all__ = ["CPU_RUNS_PER_BATCH", "DONOR_SEED_OFFSET", "StopRun", "default_runs_per_batch", "execute",
+__all__ = ["CPU_RUNS_PER_THREAD", "DONOR_SEED_OFFSET", "StopRun", "default_runs_per_batch", "execute",
            "execute_batched", "load_run_data", "run_provenance", "train_configs", "train_runs"]

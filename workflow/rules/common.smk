@@ -96,8 +96,18 @@ def get_run_settings(wildcards):
     """
     c = config["continual"]
     settings = {**c["run"], **c.get("run_per_arch", {}).get(wildcards.arch, {})}
-    settings.update(arch=wildcards.arch, device=config["device"])
+    settings.update(arch=wildcards.arch, device=get_device("train"))
     return settings
+
+
+def get_device(kind):
+    """The device of a rule kind's jobs: config `device`, but `cuda` where that kind asks for a GPU
+    (`resources.<kind>.gpu` > 0) and the device is `auto`: such a job then fails with one line where
+    CUDA is missing instead of training on the CPU."""
+    device = config["device"]
+    if device == "auto" and get_resources(kind).get("gpu", 0) > 0:
+        return "cuda"
+    return device
 
 
 # The paper's task sequence of each arch and the datasets of each sequence (as ewcstab.config and
@@ -444,7 +454,7 @@ def get_explosion_settings(wildcards):
     settings.update(
         arch=wildcards.arch,
         clip_norm=per_arch(e.get("clip_norm", 1.0), wildcards.arch, "clip_norm"),
-        device=config["device"],
+        device=get_device("train"),
     )
     return settings
 
@@ -549,7 +559,7 @@ def get_pruning_flags(wildcards):
         "--importances " + " ".join(p.get("importances", [])),
         "--scopes " + " ".join(get_pruning_scopes()),
         f"--sparsity-step {p.get('sparsity_step', 0.001)}",
-        f"--device {config['device']}",
+        f"--device {get_device('train')}",
     ]
     if config.get("data_root"):
         flags.append(f"--data-root {config['data_root']}")

@@ -27,11 +27,12 @@ rule tune_lambda:
         shared=get_shared_flag,
         batch=get_trials_per_batch_flag,
         state=lambda w: get_state_flags(get_search_state()),
+        device=lambda w: get_device("search"),
     shell:
         "ewcstab search --config {input.cfg} --arch {wildcards.arch} --method {wildcards.method}"
         " --variant {wildcards.variant} {params.flags} --storage {params.storage:q}"
         " --study-name {wildcards.arch}-{wildcards.method}-{wildcards.variant} {params.shared}"
-        " {params.batch} {params.state} --runs-dir {params.study_dir}/runs --threads {threads} --no-progress"
+        " {params.batch} {params.state} --device {params.device} --runs-dir {params.study_dir}/runs --threads {threads} --no-progress"
         " --worker-out {output} 2> {log}"
 
 

@@ -1,5 +1,6 @@
 # Accuracy against lambda on a fixed grid (`continual.sweeps`), in every optimizer state: one job per
-# (sweep, state, lambda) trains that lambda's seeds as one batch (a carried chain within the job).
+# (sweep, state) trains every lambda and seed of the sweep stacked (carried: the chains of all lambdas
+# advance side by side).
 
 
 for sweep in get_sweeps():
@@ -14,26 +15,31 @@ for sweep in get_sweeps():
                 SWEEP_RUN.replace("{arch}", sweep["arch"])
                 .replace("{method}", sweep["method"])
                 .replace("{variant}", sweep["variant"])
+                .replace("{lam}", lam_label(lam))
                 .replace("{seed}", str(s))
                 for s in range(sweep["seeds"])
+                for lam in sweep["lambdas"]
             ],
         log:
-            f"logs/sweeps/{sweep['arch']}/{sweep['method']}/{sweep['variant']}/{{state}}/lam{{lam}}.log",
+            f"logs/sweeps/{sweep['arch']}/{sweep['method']}/{sweep['variant']}/{{state}}.log",
         benchmark:
-            f"benchmarks/sweeps/{sweep['arch']}/{sweep['method']}/{sweep['variant']}/{{state}}/lam{{lam}}.tsv"
+            f"benchmarks/sweeps/{sweep['arch']}/{sweep['method']}/{sweep['variant']}/{{state}}.tsv"
         conda:
             ENV
         threads: get_resources("train").get("threads", 1)
         resources:
             mem_mb=get_resources("train").get("mem_mb", 4000),
-            runtime=sweep["seeds"] * get_resources("train").get("runtime", 120),
+            runtime=sweep["seeds"]
+            * len(sweep["lambdas"])
+            * get_resources("train").get("runtime", 120),
             gpu=get_resources("train").get("gpu", 0),
         params:
             study=f"--arch {sweep['arch']} --method {sweep['method']} --variant {sweep['variant']}",
             seeds=" ".join(str(s) for s in range(sweep["seeds"])),
+            lams=" ".join(lam_label(lam) for lam in sweep["lambdas"]),
             state=lambda w: get_state_flags(w.state),
         shell:
-            "ewcstab run-batched --config {input.cfg} {params.study} --lam {wildcards.lam}"
+            "ewcstab run-batched --config {input.cfg} {params.study} --lams {params.lams}"
             " --seeds {params.seeds} {params.state} --threads {threads} --no-progress"
             " --out {output} 2> {log}"
 

@@ -84,8 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lams", type=float, nargs="+", help="lambdas of the runs (default: the config's lam)")
     p.add_argument("--lam-from", metavar="FILE", help="take lambda from a search's best_lambda JSON (not with --lams)")
     p.add_argument("--out", required=True, nargs="+", metavar="FILE", help="one record file per run, in order")
-    p.add_argument("--runs-per-batch", type=positive_int, help="stack at most N runs at once (default: 4 on a "
-                   "CPU, all on a GPU); the records do not depend on it")
+    p.add_argument("--runs-per-batch", type=positive_int, help="stack at most N runs at once (default: 4 per "
+                   "CPU thread, all on a GPU); the records do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--trace", action="store_true", help="also record per-step telemetry (gradient norms) per task")
     p.set_defaults(func=cmd_run_batched)
