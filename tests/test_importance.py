@@ -1,4 +1,4 @@
-"""Importances against slow one-sample-at-a-time references (PROTOCOL.md formulas)."""
+"""Importances against slow one-sample-at-a-time references (docs/protocol.md formulas)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Run configuration: one dataclass, validated field by field.
 
-Defaults are the paper's protocol (PROTOCOL.md): Adam, lr 1e-3, batch 100,
+Defaults are the paper's protocol (docs/protocol.md): Adam, lr 1e-3, batch 100,
 6 epochs per task, importances on the last 5,000 training samples of a task,
 SI damping 0.1, stabilizer alpha equal to the learning rate.
 """
@@ -52,7 +52,7 @@ class RunConfig:
     fisher_label: label in the Fisher's log-likelihood: true (paper, empirical) | predicted.
     train_subset / test_subset: first N samples of each split (None = all), for quick runs.
     perm_seed: seed of the permuted-MNIST pixel permutations (part of the task sequence).
-    optimizer_state: fresh | carried. fresh: every run starts with a new optimizer (PROTOCOL.md).
+    optimizer_state: fresh | carried. fresh: every run starts with a new optimizer (docs/protocol.md).
         carried: as the authors' scripts ran (their Adam was created once per process and never reset
         between runs), the run starts from the optimizer state (Adam's moments and step count) left at
         the end of the run before it in its chain (see ``chain_of``).

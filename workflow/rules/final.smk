@@ -95,12 +95,13 @@ else:
                 gpu=get_resources("train").get("gpu", 0),
             params:
                 seeds=" ".join(str(s) for s in pack),
+                runs=len(pack),
                 state=lambda w: get_state_flags(w.state),
             shell:
                 "ewcstab run-batched --config {input.cfg} --arch {wildcards.arch}"
                 " --method {wildcards.method} --variant {wildcards.variant}"
                 " --lam-from {input.best} --seeds {params.seeds} {params.state}"
-                " --threads {threads} --no-progress --out {output} 2> {log}"
+                " --runs-per-batch {params.runs} --threads {threads} --no-progress --out {output} 2> {log}"
 
         rule:
             name:
@@ -122,8 +123,9 @@ else:
                 gpu=get_resources("train").get("gpu", 0),
             params:
                 seeds=" ".join(str(s) for s in pack),
+                runs=len(pack),
                 state=lambda w: get_state_flags(w.state),
             shell:
                 "ewcstab run-batched --config {input.cfg} --arch {wildcards.arch} --lam 0"
-                " --seeds {params.seeds} {params.state} --threads {threads} --no-progress"
-                " --out {output} 2> {log}"
+                " --seeds {params.seeds} {params.state} --runs-per-batch {params.runs}"
+                " --threads {threads} --no-progress --out {output} 2> {log}"

@@ -37,10 +37,12 @@ for sweep in get_sweeps():
             study=f"--arch {sweep['arch']} --method {sweep['method']} --variant {sweep['variant']}",
             seeds=" ".join(str(s) for s in range(sweep["seeds"])),
             lams=" ".join(lam_label(lam) for lam in sweep["lambdas"]),
+            runs=sweep.get("runs_per_batch", 10),
             state=lambda w: get_state_flags(w.state),
         shell:
             "ewcstab run-batched --config {input.cfg} {params.study} --lams {params.lams}"
-            " --seeds {params.seeds} {params.state} --threads {threads} --no-progress"
+            " --seeds {params.seeds} {params.state} --runs-per-batch {params.runs}"
+            " --threads {threads} --no-progress"
             " --out {output} 2> {log}"
 
 

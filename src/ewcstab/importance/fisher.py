@@ -1,4 +1,4 @@
-"""EWC's diagonal Fisher (Kirkpatrick et al. 2017), as in PROTOCOL.md 'fisher'.
+"""EWC's diagonal Fisher (Kirkpatrick et al. 2017), as in docs/protocol.md 'fisher'.
 
 Omega_i = (1/N) sum_n (d log softmax(z_n)[y_n] / d theta_i)^2, one sample at a time.
 ``label='true'`` (the paper, the 'empirical Fisher') uses the data label;

@@ -1,4 +1,4 @@
-"""Weight magnitude |theta|: the classical pruning criterion (PROTOCOL.md, pruning only)."""
+"""Weight magnitude |theta|: the classical pruning criterion (docs/protocol.md, pruning only)."""
 
 from __future__ import annotations
 

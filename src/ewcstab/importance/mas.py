@@ -1,4 +1,4 @@
-"""Memory Aware Synapses (Aljundi et al. 2018), as in PROTOCOL.md 'mas'.
+"""Memory Aware Synapses (Aljundi et al. 2018), as in docs/protocol.md 'mas'.
 
 Omega_i = (1/N) sum_n |d ||softmax(z_n)||_2^2 / d theta_i|, one sample at a time; no label needed.
 """

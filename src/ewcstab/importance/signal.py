@@ -1,4 +1,4 @@
-"""Total absolute signal (the first author's earlier importance), PROTOCOL.md 'signal', on every architecture.
+"""Total absolute signal (the first author's earlier importance), docs/protocol.md 'signal', on every architecture.
 
 The paper defines it for linear layers only. With x the layer's input, W (out, in) its weight and
 a = act(W x + b) its output after its nonlinearity (after softmax for the last layer):

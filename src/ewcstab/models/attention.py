@@ -20,7 +20,7 @@ layers; this is the self-attention network we test that claim on. Design, and wh
 - No dropout: the protocol trains 6 epochs with Adam and importances are per-sample and
   deterministic in eval mode.
 - Final LayerNorm on the tokens, mean over tokens, linear head 64 -> 10 (one head shared by all tasks).
-- PyTorch default initialisation everywhere else (PROTOCOL.md: a fresh default init per run).
+- PyTorch default initialisation everywhere else (docs/protocol.md: a fresh default init per run).
 
 Parameter count (defaults): patch embedding 3,200 + position 1,024 + 3 blocks x 33,472 + final
 LayerNorm 128 + head 650 = 105,418.
@@ -135,7 +135,7 @@ class AttentionNet(nn.Module):
     def signal_activations(self) -> dict[str, Callable[[Tensor], Tensor]]:
         """What follows each layer's output up to its nonlinearity, for the signal importance.
 
-        Identity everywhere except the MLP's first layer (GELU) and the head (softmax, PROTOCOL.md).
+        Identity everywhere except the MLP's first layer (GELU) and the head (softmax, docs/protocol.md).
         q, k and v: identity -- their outputs go into the attention product, which mixes tokens and
         has no element-wise nonlinearity of its own (the softmax acts on the q.k scores, not on any
         projection's channels), so the projection's own output is the signal it passes on. The out

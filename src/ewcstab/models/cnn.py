@@ -1,4 +1,4 @@
-"""The paper's CNN for MNIST / Fashion-MNIST / rotated (PROTOCOL.md, 'Section 2/3 experiments').
+"""The paper's CNN for MNIST / Fashion-MNIST / rotated (docs/protocol.md, 'Section 2/3 experiments').
 
     conv 1->64 k5, BN, leaky ReLU, max-pool 2     (B, 1, 28, 28) -> (B, 64, 24, 24) -> (B, 64, 12, 12)
     conv 64->128 k3, BN, leaky ReLU               -> (B, 128, 10, 10)
@@ -7,7 +7,7 @@
 
 Convolutions keep PyTorch's default bias (as the authors' ``nn.Conv2d`` layers do), although a
 BatchNorm right after makes it redundant in training mode: every parameter tensor is protected
-(PROTOCOL.md), so the bias is part of what EWC protects. BN affine weights and biases are parameters
+(docs/protocol.md), so the bias is part of what EWC protects. BN affine weights and biases are parameters
 (protected); running statistics are buffers (not protected). 535,434 parameters.
 """
 
@@ -55,7 +55,7 @@ class CNN(nn.Module):
         post-activation output leaky(BN(conv)) -- the same tensor its BN's beta sees. ``bn.forward`` is
         called directly so the BN's own signal hook does not fire twice. The max-pool is a selection,
         not an element-wise nonlinearity, and is left out. The last layer's output is taken after
-        softmax (PROTOCOL.md, 'signal').
+        softmax (docs/protocol.md, 'signal').
         """
 
         def after_conv(bn: nn.BatchNorm2d) -> Callable[[Tensor], Tensor]:

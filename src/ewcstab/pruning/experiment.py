@@ -1,4 +1,4 @@
-"""The pruning experiment for one network (paper section 4, PROTOCOL.md 'Pruning by weight importance').
+"""The pruning experiment for one network (paper section 4, docs/protocol.md 'Pruning by weight importance').
 
 1. Train the architecture on plain MNIST: one task, the continual-learning protocol's training
    (Adam lr 1e-3, batch 100, 6 epochs, seeded as every run is seeded, so the network equals the first

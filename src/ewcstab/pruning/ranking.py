@@ -1,6 +1,6 @@
 """Ranking parameters by importance and pruning them with ``torch.nn.utils.prune``.
 
-Section 4 of Kutalev & Lapina (arXiv:2109.10021), PROTOCOL.md 'Pruning by weight importance':
+Section 4 of Kutalev & Lapina (arXiv:2109.10021), docs/protocol.md 'Pruning by weight importance':
 
 - ``global`` ("entire network"): every parameter of the model, weights and biases together,
   is ranked by its importance; at sparsity p the ``round(p * N)`` lowest-ranked are zeroed

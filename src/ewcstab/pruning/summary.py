@@ -77,7 +77,7 @@ def threshold_sparsity(sparsity: np.ndarray, acc: np.ndarray, tolerance: float) 
 
 
 def read_paper(path: str | Path) -> pd.DataFrame:
-    """The paper's pruning table (PROTOCOL.md 'Files here': scope, importance, sparsity, mean_acc, ci95, n_runs)."""
+    """The paper's pruning table (docs/protocol.md 'Files here': scope, importance, sparsity, mean_acc, ci95, n_runs)."""
     paper = pd.read_csv(path)
     missing = [c for c in PAPER_COLUMNS if c not in paper.columns]
     if missing:
