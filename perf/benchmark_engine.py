@@ -3,7 +3,7 @@ against the float32 matmul floor measured in the same invocation; CPU or CUDA; J
 
     python perf/benchmark_engine.py --device cpu --threads 1 --archs mlp cnn attention --runs 1 4 \\
         --cnn-steps 40 --json docs/results/throughput_cpu.json --figure docs/figures/throughput_cpu.png
-    python perf/benchmark_engine.py --device cuda --archs mlp cnn --runs 1 20 100 \\
+    python perf/benchmark_engine.py --device cuda --archs mlp cnn --mlp-runs 1 20 100 --cnn-runs 1 5 20 \\
         --json docs/results/throughput_cuda.json --figure docs/figures/throughput_cuda.png
 
 Each row trains R runs (seeds 0..R-1) of ``--method``/``--variant`` at ``--lam`` on the first two tasks of
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", nargs="+", type=int, default=[1, 4], help="R of each row (1: one run at a time)")
     for arch in ("mlp", "cnn", "attention"):
         p.add_argument(f"--{arch}-steps", type=int, help=f"{arch}: time this many steps per task (default all 600)")
+        p.add_argument(f"--{arch}-runs", type=int, nargs="+", help=f"{arch}: R of each row (default --runs)")
     p.add_argument("--method", default="mas")
     p.add_argument("--variant", default="original")
     p.add_argument("--lam", type=float, default=4.5)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks, _, _ = load_run_data(cfg)
         flops = protocol_flops(cfg, tasks, device)
         speeds.append(matmul_flops(device))
-        for runs in args.runs:
+        for runs in getattr(args, f"{arch}_runs") or args.runs:
             timings = []
             for _ in range(args.repeat):
                 timings.append(time_row(cfg, tasks, device, runs))
