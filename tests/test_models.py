@@ -146,3 +146,14 @@ def test_mlp_stacked_forward_equals_forward_run_by_run(shared):
     got = models[0].forward_stacked(params, x, shared)
     for r, m in enumerate(models):
         torch.testing.assert_close(got[r], m(x if shared else x[r]), rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_linear_backward_is_the_gradient_and_contiguous():
+    from ewcstab.models.mlp import StackedLinear
+
+    g = torch.Generator().manual_seed(0)
+    h, w, b = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in ((2, 5, 4), (2, 3, 4), (2, 3)))
+    assert torch.autograd.gradcheck(StackedLinear.apply, (h, w, b))
+    StackedLinear.apply(h, w, b).square().sum().backward()
+    assert w.grad.is_contiguous() and w.grad.shape == (2, 3, 4)

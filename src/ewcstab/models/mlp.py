@@ -9,6 +9,26 @@ from torch.nn import functional as F
 LEAKY_SLOPE = 0.01
 
 
+class StackedLinear(torch.autograd.Function):
+    """z = h W^T + b for R runs at once: h (R, B, in), W (R, out, in), b (R, out) -> z (R, B, out), one
+    ``baddbmm``. The backward is written out so that every product keeps the fast layout: dW = dz^T h comes out
+    as a contiguous (R, out, in) tensor (autograd's transpose of h^T dz would not be: torch's fused CPU Adam
+    needs contiguous gradients, and the copy costs more than the product saves), db = sum_B dz, dh = dz W."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(h, w)
+        return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dz: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        h, w = ctx.saved_tensors
+        dh = torch.bmm(dz, w) if ctx.needs_input_grad[0] else None  # (R, B, in)
+        dw = torch.bmm(dz.transpose(1, 2), h) if ctx.needs_input_grad[1] else None  # (R, out, in)
+        db = dz.sum(1) if ctx.needs_input_grad[2] else None  # (R, out)
+        return dh, dw, db
+
+
 class MLP(nn.Module):
     """784 -> 300 -> 150 -> 10; 282,160 parameters (docs/protocol.md)."""
 
@@ -24,9 +44,7 @@ class MLP(nn.Module):
 
     def forward_stacked(self, params: dict[str, Tensor], x: Tensor, shared: bool) -> Tensor:
         """``forward`` of R networks at once (``ewcstab.stacking``), as batched matrix products:
-        z_l^T = W_l a_{l-1}^T + b_l for every run with one ``baddbmm`` per layer. Written as W a^T (not
-        a W^T) so that autograd's weight gradient, dz^T a, comes out contiguous: a transposed gradient
-        would cost a copy per weight and step (torch's fused CPU Adam needs contiguous gradients).
+        z_l = a_{l-1} W_l^T + b_l for every run, one ``StackedLinear`` (a ``baddbmm``) per layer.
 
         params: name -> (R, *shape); x: (R, B, 1, 28, 28) per run, or (B, 1, 28, 28) with ``shared``.
         Returns the logits (R, B, 10). Equal to ``forward`` run by run (tests/test_models.py); on a CPU
@@ -37,7 +55,7 @@ class MLP(nn.Module):
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]  # (R, out, in), (R, out)
-            h = torch.baddbmm(b.unsqueeze(2), w, h.transpose(1, 2)).transpose(1, 2)  # (R, out, B) -> (R, B, out)
+            h = StackedLinear.apply(h, w, b)  # (R, B, out)
             if i < last:
                 h = F.leaky_relu(h, LEAKY_SLOPE)
         return h
