@@ -54,6 +54,9 @@ def test_outputs_exist_parse_and_have_expected_rows(finished):
     # (4 studies x 2 final seeds + 2 baseline seeds) runs x 2 optimizer states x 2 tasks
     assert len(runs) == (4 * 2 + 2) * 2 * 2
     assert set(runs.role) == {"final", "baseline"} and set(runs.optimizer_state) == {"carried", "fresh"}
+    states = pd.read_csv(finished / "results/tables/optimizer_states.csv")
+    assert sorted(states.method) == ["lambda = 0", "mas", "mas", "si", "si"]  # 4 studies and the baseline
+    assert (states.n_carried == 2).all() and (states.n_fresh == 2).all() and states.p.between(0, 1).all()
     md = (finished / "results/tables/table1_continual.md").read_text()
     assert "paper: acc (95% CI)" in md and md.count("\n| mlp") == 4
     assert "ours, carried: acc (95% CI)" in md and "ours, fresh: acc (95% CI)" in md

@@ -135,11 +135,72 @@ def gather_records(paths: list[str], role: str) -> pd.DataFrame:
             rows.append({
                 "arch": cfg["arch"], "sequence": cfg["sequence"], "method": cfg["method"],
                 "variant": cfg["variant"], "lam": cfg["lam"], "seed": rec["seed"], "role": role,
-                "optimizer_state": cfg.get("optimizer_state", "fresh"), "after_task": t,
+                "optimizer_state": cfg.get("optimizer_state", "fresh"),
+                "chain_position": (rec.get("chain") or {}).get("position"), "after_task": t,
                 "n_tasks": len(rec["tasks"]), "mean_acc": mean, "diverged": rec["diverged"],
                 "train_seconds": sum(rec["train_seconds"]), "source": str(path),
             })
     return pd.DataFrame(rows)
+
+
+def state_comparison(runs: pd.DataFrame) -> pd.DataFrame:
+    """Carried against fresh optimizer state, per study (and lambda = 0): one row per (arch, method, variant,
+    lambda) trained in both states, final and baseline runs of the runs table (``gather_records``).
+
+    Columns: ``n_{state}``, ``acc_{state}`` and ``ci95_{state}`` (mean accuracy after the last task, the
+    paper's 95% half-width), ``diff`` = carried - fresh, Welch's ``t`` and its two-sided ``p`` (unequal
+    variances), ``task1_{state}`` (mean accuracy after task 1: the plain training every method shares), and
+    for carried runs the mean by where the inherited state came from: ``carried_from_donor`` (chain position
+    1, a fresh donor run) and ``carried_from_counted`` (positions >= 2, a counted run). Diverged runs are
+    left out."""
+    from scipy import stats
+
+    if "optimizer_state" not in runs or set(runs["optimizer_state"]) < set(STATES):
+        return pd.DataFrame()
+    runs = runs[runs["role"].isin(["final", "baseline"]) & ~runs["diverged"].astype(bool)]
+    rows = []
+    for (arch, role, method, variant, lam), part in runs.groupby(["arch", "role", "method", "variant", "lam"],
+                                                                  sort=False):
+        last = part[part["after_task"] == part["n_tasks"]]
+        first = part[part["after_task"] == 1]
+        states = {s: last[last["optimizer_state"] == s]["mean_acc"].dropna().to_numpy() for s in STATES}
+        if any(len(v) == 0 for v in states.values()):
+            continue
+        row = {"arch": arch, "method": "lambda = 0" if role == "baseline" else method,
+               "variant": "" if role == "baseline" else variant, "lam": lam}
+        for state, values in states.items():
+            mean, ci = mean_ci95(values)
+            row.update({f"n_{state}": len(values), f"acc_{state}": mean, f"ci95_{state}": ci,
+                        f"task1_{state}": first[first["optimizer_state"] == state]["mean_acc"].mean()})
+        row["diff"] = row["acc_carried"] - row["acc_fresh"]
+        test = stats.ttest_ind(states["carried"], states["fresh"], equal_var=False)
+        row["t"], row["p"] = float(test.statistic), float(test.pvalue)
+        carried = last[last["optimizer_state"] == "carried"]
+        if "chain_position" in carried:
+            row["carried_from_donor"] = carried.loc[carried["chain_position"] == 1, "mean_acc"].mean()
+            row["carried_from_counted"] = carried.loc[carried["chain_position"] >= 2, "mean_acc"].mean()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def state_comparison_markdown(table: pd.DataFrame) -> str:
+    """The comparison as a Markdown table (4 decimals; p in scientific notation)."""
+    fmt = lambda v, d=4: "n/a" if pd.isna(v) else f"{v:.{d}f}"  # noqa: E731
+    show = pd.DataFrame({
+        "method": table["method"], "variant": table["variant"], "lambda": [f"{v:g}" for v in table["lam"]],
+        "carried (95% CI)": [f"{fmt(m)} ± {fmt(c)} ({n})" for m, c, n in
+                             zip(table["acc_carried"], table["ci95_carried"], table["n_carried"])],
+        "fresh (95% CI)": [f"{fmt(m)} ± {fmt(c)} ({n})" for m, c, n in
+                           zip(table["acc_fresh"], table["ci95_fresh"], table["n_fresh"])],
+        "carried - fresh": [f"{v:+.4f}" for v in table["diff"]],
+        "Welch t, p": [f"{t:.1f}, {p:.1e}" for t, p in zip(table["t"], table["p"])],
+        "after task 1: carried / fresh": [f"{fmt(a)} / {fmt(b)}" for a, b in
+                                          zip(table["task1_carried"], table["task1_fresh"])],
+        "carried from donor / from counted run": [f"{fmt(a)} / {fmt(b)}" for a, b in
+                                                  zip(table.get("carried_from_donor", pd.Series(dtype=float)),
+                                                      table.get("carried_from_counted", pd.Series(dtype=float)))],
+    })
+    return show.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def _curve(df: pd.DataFrame) -> str:

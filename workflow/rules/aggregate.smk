@@ -45,3 +45,22 @@ rule make_table1:
     shell:
         "ewcstab table --runs {input.runs} --search {input.search} --paper {input.paper}"
         " --csv-out {output.csv} --md-out {output.md} --tex-out {output.tex} 2> {log}"
+
+
+rule compare_optimizer_states:
+    input:
+        runs=RUNS_TABLE,
+    output:
+        csv=STATES_TABLE[0],
+        md=STATES_TABLE[1],
+    log:
+        "logs/aggregate/compare_optimizer_states.log",
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=get_resources("aggregate").get("mem_mb", 2000),
+        runtime=get_resources("aggregate").get("runtime", 10),
+    shell:
+        "ewcstab compare-states --runs {input.runs} --csv-out {output.csv} --md-out {output.md} 2> {log}"

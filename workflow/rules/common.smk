@@ -31,6 +31,7 @@ SWEEP_RUN = "results/sweeps/{arch}/{method}/{variant}/{state}/lam{lam}/seed{seed
 SWEEP_TABLE = "results/tables/sweep_runs.csv"
 RUNS_TABLE = "results/tables/continual_runs.csv"
 TABLE1 = multiext("results/tables/table1_continual", ".csv", ".md", ".tex")
+STATES_TABLE = multiext("results/tables/optimizer_states", ".csv", ".md")
 
 
 def get_studies():
@@ -282,6 +283,7 @@ def get_trials_files(wildcards=None):
 def get_all_targets():
     """Everything `snakemake` builds by default."""
     targets = [*TABLE1, RUNS_TABLE, *get_trials_files()]
+    targets += [*STATES_TABLE] if set(get_states()) == {"carried", "fresh"} else []
     return targets + ([SWEEP_TABLE] if get_sweeps() else [])
 
 

@@ -41,6 +41,22 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_states(args: argparse.Namespace) -> int:
+    check_inputs("runs", args.runs, "the CSV of 'ewcstab gather'")
+    check_outputs({"csv-out": args.csv_out, "md-out": args.md_out})
+    import pandas as pd
+
+    from ewcstab.aggregate import state_comparison, state_comparison_markdown
+    from ewcstab.io import write_text_atomic
+
+    table = state_comparison(pd.read_csv(args.runs))
+    if table.empty:
+        raise ConfigError(f"runs: {args.runs!r} holds no setting trained in both optimizer states (carried, fresh)")
+    write_text_atomic(args.csv_out, table.to_csv(index=False))
+    write_text_atomic(args.md_out, state_comparison_markdown(table))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("gather", help="run records (JSON) -> one long-format CSV")
     g.add_argument("--final", nargs="*", default=[], help="run records of the final runs")
@@ -54,3 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--paper", help="the paper's reference CSV (paper_continual.csv)")
     add_table_outputs(t)
     t.set_defaults(func=cmd_table)
+    c = sub.add_parser("compare-states", help="carried against fresh optimizer state per study: means, Welch t, "
+                       "accuracy after task 1, by where the inherited state came from")
+    c.add_argument("--runs", required=True, help="CSV written by 'ewcstab gather'")
+    c.add_argument("--csv-out", required=True, help="the comparison (CSV)")
+    c.add_argument("--md-out", required=True, help="the same in Markdown")
+    c.set_defaults(func=cmd_compare_states)
