@@ -18,13 +18,22 @@ CPU = torch.device("cpu")
 QUICK = dict(method="mas", lam=1.0, epochs=1, batch_size=50, importance_samples=200)
 
 
-def first_step(engine: Engine, task) -> list[torch.Tensor]:
-    """Run one step of the engine on the task's first batch; returns the parameter change."""
+def first_step(engine: Engine, task) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run one step of the engine on the task's first batch; returns the parameter change and the gradient
+    the optimizer was given."""
     before = [p.detach().clone() for p in engine.runs.params]
     monitor = TaskMonitor(1, 1, 1, CPU, [], None)
     engine.importance.begin_task(engine.runs.params)
+    seen: list[torch.Tensor] = []
+    step = engine.optimizer.step
+
+    def spy(params, grads):
+        seen.extend(g.clone() for g in grads)
+        step(params, grads)
+
+    engine.optimizer.step = spy
     engine._step(torch.arange(50).unsqueeze(0), task, monitor)
-    return [p.detach() - b for p, b in zip(engine.runs.params, before)]
+    return [p.detach() - b for p, b in zip(engine.runs.params, before)], seen
 
 
 def adam_update(grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
@@ -43,18 +52,18 @@ def test_a_carried_runs_first_step_uses_the_donors_moments_and_step_count(synthe
     assert all(s["step"] == steps for s in state)
 
     carried = Engine([cfg], CPU, optimizer_states=[state])
-    change = first_step(carried, synthetic_tasks[0])
-    for p, s, delta in zip(carried.runs.params, state, change):
-        assert float(carried.optimizer.state[p]["step"]) == steps + 1
-        want = adam_update(p.grad[0], s["exp_avg"], s["exp_avg_sq"], steps)
+    change, grads = first_step(carried, synthetic_tasks[0])
+    for step_count, g, s, delta in zip(carried.optimizer.steps, grads, state, change):
+        assert float(step_count) == steps + 1
+        want = adam_update(g[0], s["exp_avg"], s["exp_avg_sq"], steps)
         torch.testing.assert_close(delta[0], want, rtol=1e-4, atol=1e-8)  # delta: float32 ulps of theta
 
     fresh = Engine([cfg], CPU)
-    change_fresh = first_step(fresh, synthetic_tasks[0])
-    for p, delta in zip(fresh.runs.params, change_fresh):
-        assert float(fresh.optimizer.state[p]["step"]) == 1
-        zeros = torch.zeros_like(p.grad[0])
-        torch.testing.assert_close(delta[0], adam_update(p.grad[0], zeros, zeros, 0), rtol=1e-4, atol=1e-8)  # delta: float32 ulps of theta
+    change_fresh, grads_fresh = first_step(fresh, synthetic_tasks[0])
+    for step_count, g, delta in zip(fresh.optimizer.steps, grads_fresh, change_fresh):
+        assert float(step_count) == 1
+        zeros = torch.zeros_like(g[0])
+        torch.testing.assert_close(delta[0], adam_update(g[0], zeros, zeros, 0), rtol=1e-4, atol=1e-8)
     # the same initial parameters and batch, other steps: the inherited state changes the update
     assert any(not torch.allclose(a, b) for a, b in zip(change, change_fresh))
 

@@ -47,7 +47,7 @@ from ewcstab.errors import ConfigError
 from ewcstab.importance import build_importance
 from ewcstab.interfaces import Importance, Task
 from ewcstab.models import build_model
-from ewcstab.optim import RunState, load_run_states, make_optimizer, run_states, select
+from ewcstab.optim import RunState, StackedOptimizer
 from ewcstab.penalty import build_penalty
 from ewcstab.records import Divergence, RunOutcome
 from ewcstab.stacking import Runs
@@ -123,11 +123,11 @@ class Engine:
             torch.manual_seed(c.seed)  # each run's own initialisation, as when it trains alone
             models.append(build_model(c.arch))
         self.runs = Runs(models, device)
-        self.optimizer = make_optimizer(cfg.optimizer, self.runs.params, cfg.lr)
+        self.optimizer = StackedOptimizer(cfg.optimizer, self.runs.params, cfg.lr)
         if optimizer_states is not None and any(s is not None for s in optimizer_states):
             if any(s is None for s in optimizer_states):
                 raise ValueError("optimizer_states: give a state for every run of a batch, or for none")
-            load_run_states(self.optimizer, self.runs.params, optimizer_states)
+            self.optimizer.load(optimizer_states)
         self.penalty = build_penalty(cfg.variant, [c.lam for c in cfgs], cfg.resolved_alpha, cfg.clip_norm)
         self.importance = importance or build_importance(cfg.method, **importance_options(cfg))
         self.generators = [torch.Generator().manual_seed(c.seed) for c in cfgs]
@@ -249,9 +249,7 @@ class Engine:
         pen_norm, total = (None, task_norm) if pen is None else (run_norms(pen), run_norms(grads))
         self.importance.before_step(params, grads)
         self.penalty.clip_(grads, total)
-        for p, g in zip(params, grads):
-            p.grad = g
-        self.optimizer.step()
+        self.optimizer.step(params, grads)
         self.importance.after_step(params)
         monitor.record(losses, task_norm, pen_norm, total)
 
@@ -304,7 +302,7 @@ class Engine:
 
     def finish(self) -> list[RunOutcome]:
         """The outcomes, with each run still in the batch given its final optimizer state."""
-        for rid, state in zip(self.ids, run_states(self.optimizer, self.runs.params)):
+        for rid, state in zip(self.ids, self.optimizer.run_states()):
             self.outcomes[rid].final_optimizer_state = state
         return self.outcomes
 
@@ -324,7 +322,7 @@ class Engine:
         if not positions:
             return None
         leaving = set(positions)
-        states = run_states(self.optimizer, self.runs.params)
+        states = self.optimizer.run_states()
         for p in leaving:
             self.outcomes[self.ids[p]].final_optimizer_state = states[p]
         kept = [p for p in range(len(self.ids)) if p not in leaving]
@@ -334,9 +332,8 @@ class Engine:
         self._reset_graph()
         if not kept:
             return keep
-        old = self.runs.params
         self.runs.select(keep)
-        self.optimizer = select(self.optimizer, old, self.runs.params, keep, self.cfg.lr, self.cfg.optimizer)
+        self.optimizer.select(keep)
         self.penalty.select(keep)
         self.importance.select(keep)
         self.omega = [o.index_select(0, keep) for o in self.omega]

@@ -1,87 +1,108 @@
-"""The optimizer of R stacked runs: torch's own Adam or SGD over the stacked (R, *shape) parameters.
+"""The optimizer of R stacked runs: torch's own Adam or SGD update, applied to the stacked parameters.
 
-Adam and SGD are element-wise, so one optimizer over stacked tensors gives every run exactly the update
-it would get alone (each element sees its own gradient and moments; the step count is shared, and equal
-for every run of a batch). Adam is torch's fused kernel where the build has it (``fused=True``; on CUDA
-also ``capturable=True``, so the step can be captured in a CUDA graph), else its foreach kernels.
+Adam and SGD are element-wise, so one update over stacked (R, *shape) tensors gives every run exactly the
+update it would get alone: each element sees its own gradient and moments; the step count is one per
+batch, equal for all its runs. The update is torch's functional form (``torch.optim.adam.adam``, the
+function ``torch.optim.Adam.step`` calls; ``torch.optim.sgd.sgd``) on state tensors held here, so the state
+of each run can be read out, loaded and sliced without an optimizer's bookkeeping (and without its ~0.1 ms
+of Python per step). Adam is torch's fused kernel where the device has one (on CUDA also capturable: its
+step count lives on the device and the step can be captured in a CUDA graph), else its foreach kernels.
 
-The optimizer state of each run can be read out and loaded back (``run_states`` / ``load_run_states``):
-what a carried chain hands from one run to the next (``RunConfig.optimizer_state``), and what survives
-when runs leave the batch (``select``).
+A run's state (``RunState``: per parameter {"step": float, "exp_avg": Tensor, "exp_avg_sq": Tensor} for
+Adam, {} for SGD without momentum) is what a carried chain hands from one run to the next
+(``RunConfig.optimizer_state``) and what runs keep when others leave the batch (``select``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
-#: One run's optimizer state: per parameter, torch's state dict entry for that run
-#: (Adam: {"step": float, "exp_avg": Tensor, "exp_avg_sq": Tensor}; SGD without momentum: {}).
+#: One run's optimizer state: per parameter, {"step", "exp_avg", "exp_avg_sq"} (Adam) or {} (SGD).
 RunState = list[dict[str, Any]]
 
-
-def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
-    """torch's Adam (fused where supported) or SGD over the stacked parameters."""
-    if name == "adam":
-        capturable = params[0].device.type == "cuda"
-        try:
-            return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
-        except (RuntimeError, TypeError):  # no fused kernel for this device/build
-            return torch.optim.Adam(params, lr=lr, foreach=True, capturable=capturable)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, foreach=True)
-    raise ValueError(f"optimizer: {name!r} is not allowed; allowed: adam, sgd")
+OPTIMIZERS = ("adam", "sgd")
+#: torch.optim.Adam's defaults, which the paper's Adam(lr=1e-3) uses
+BETAS, EPS = (0.9, 0.999), 1e-8
 
 
-def run_states(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[RunState]:
-    """Each run's optimizer state (copies), in batch order."""
-    runs = params[0].shape[0]
-    out: list[RunState] = [[] for _ in range(runs)]
-    for p in params:
-        state = optimizer.state.get(p, {})
-        for r in range(runs):
-            out[r].append({k: _run_part(v, p, r) for k, v in state.items()})
-    return out
+class StackedOptimizer:
+    """torch's Adam (default hyperparameters but ``lr``) or plain SGD over stacked parameters.
+
+    ``step(params, grads)`` updates the parameters in place (no ``.grad`` needed; no host sync)."""
+
+    def __init__(self, name: str, params: list[Tensor], lr: float) -> None:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizer: {name!r} is not allowed; allowed: {', '.join(OPTIMIZERS)}")
+        self.name, self.lr, self.runs, self.n_params = name, lr, params[0].shape[0], len(params)
+        device = params[0].device
+        self.capturable = device.type == "cuda"
+        self.fused = _fused_adam_available(device)
+        if name == "adam":
+            self.exp_avg = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+            self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+            # one step count per parameter, as torch.optim.Adam keeps it (on the device where capturable)
+            step_device = device if self.capturable or self.fused else torch.device("cpu")
+            self.steps = [torch.zeros((), dtype=torch.float32, device=step_device) for _ in params]
+
+    def step(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        with torch.no_grad():
+            flat = [p.detach() for p in params]
+            if self.name == "sgd":
+                sgd(flat, grads, [None] * len(flat), foreach=True, weight_decay=0.0, momentum=0.0, lr=self.lr,
+                    dampening=0.0, nesterov=False, maximize=False)
+                return
+            adam(flat, grads, self.exp_avg, self.exp_avg_sq, [], self.steps, foreach=not self.fused,
+                 fused=self.fused or None, capturable=self.capturable, amsgrad=False, beta1=BETAS[0],
+                 beta2=BETAS[1], lr=self.lr, weight_decay=0.0, eps=EPS, maximize=False)
+
+    def run_states(self) -> list[RunState]:
+        """Each run's state (copies), in batch order."""
+        if self.name == "sgd":
+            return [[{} for _ in range(self.n_params)] for _ in range(self.runs)]
+        return [[{"step": float(s), "exp_avg": m[r].clone(), "exp_avg_sq": v[r].clone()}
+                 for s, m, v in zip(self.steps, self.exp_avg, self.exp_avg_sq)] for r in range(self.runs)]
+
+    def load(self, states: list[RunState]) -> None:
+        """Give run r the state ``states[r]`` (every run of a batch must have the same step count)."""
+        if len(states) != self.runs:
+            raise ValueError(f"{len(states)} optimizer states for {self.runs} runs")
+        if self.name == "sgd" or not any(states[0]):
+            return  # nothing to load: SGD without momentum keeps no state
+        for i, (m, v, s) in enumerate(zip(self.exp_avg, self.exp_avg_sq, self.steps)):
+            steps = {float(state[i]["step"]) for state in states}
+            if len(steps) != 1:
+                raise ValueError(f"optimizer state 'step' differs between the runs of one batch: {sorted(steps)}")
+            m.copy_(torch.stack([state[i]["exp_avg"] for state in states]))
+            v.copy_(torch.stack([state[i]["exp_avg_sq"] for state in states]))
+            s.fill_(steps.pop())
+
+    def select(self, keep: Tensor) -> None:
+        """Keep the state of the runs at positions ``keep`` (1-D long tensor), in that order."""
+        if self.name == "adam":
+            self.exp_avg = [m.index_select(0, keep) for m in self.exp_avg]
+            self.exp_avg_sq = [v.index_select(0, keep) for v in self.exp_avg_sq]
+        self.runs = int(keep.numel())
 
 
-def load_run_states(optimizer: torch.optim.Optimizer, params: list[Tensor], states: list[RunState]) -> None:
-    """Give run r the state ``states[r]`` (every run of a batch must have the same Adam step count)."""
-    if len(states) != params[0].shape[0]:
-        raise ValueError(f"{len(states)} optimizer states for {params[0].shape[0]} runs")
-    if not any(states[0]):
-        return  # nothing to load (a fresh state, or SGD without momentum)
-    packed: dict[int, dict[str, Any]] = {}
-    for i, p in enumerate(params):
-        entry: dict[str, Any] = {}
-        for key, value in states[0][i].items():
-            parts = [s[i][key] for s in states]
-            if isinstance(value, Tensor) and value.shape == p.shape[1:]:
-                entry[key] = torch.stack(parts).to(p.device)
-            else:
-                if any(float(v) != float(value) for v in parts):
-                    raise ValueError(f"optimizer state {key!r} differs between the runs of one batch: {parts}")
-                entry[key] = torch.tensor(float(value))
-        packed[i] = entry
-    sd = optimizer.state_dict()
-    optimizer.load_state_dict({"state": packed, "param_groups": sd["param_groups"]})
+def _fused_adam_available(device: torch.device) -> bool:
+    return _fused_adam_runs(device.type)
 
 
-def select(optimizer: torch.optim.Optimizer, old: list[Tensor], new: list[Tensor], keep: Tensor,
-           lr: float, name: str) -> torch.optim.Optimizer:
-    """A new optimizer over ``new`` (the runs of ``old`` at positions ``keep``) that carries on with their
-    state."""
-    states = run_states(optimizer, old)
-    fresh = make_optimizer(name, new, lr)
-    load_run_states(fresh, new, [states[i] for i in keep.tolist()])
-    return fresh
-
-
-def _run_part(value: Any, param: Tensor, r: int) -> Any:
-    """Run r's part of one optimizer-state entry: a per-element tensor's slice, a step count as a float."""
-    if isinstance(value, Tensor) and value.shape == param.shape:
-        return value[r].detach().clone()
-    if isinstance(value, Tensor):
-        return float(value)
-    return value
+@functools.lru_cache(maxsize=None)
+def _fused_adam_runs(device_type: str) -> bool:
+    """Whether torch's fused Adam kernel runs on this device (CPU and CUDA in current builds)."""
+    device = torch.device(device_type)
+    try:
+        p = torch.zeros(2, device=device)
+        adam([p], [torch.ones_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)], [],
+             [torch.zeros((), device=device)], fused=True, capturable=device.type == "cuda", amsgrad=False,
+             beta1=BETAS[0], beta2=BETAS[1], lr=1e-3, weight_decay=0.0, eps=EPS, maximize=False)
+        return True
+    except (RuntimeError, TypeError):
+        return False
