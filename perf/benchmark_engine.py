@@ -211,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             mlp = next((r for r in rows if r["arch"] == "mlp" and "flops_per_run" in r), None)
             if mlp is not None:
                 row["floor_ratio_best"] = row["seconds_per_run"] / (mlp["flops_per_run"] / best_speed)
+    from ewcstab import provenance
+
     result = {
+        "git": provenance.git_commit(), "numerics": provenance.numerics(device),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
                                                                                    platform.machine()),
         "device_type": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__,
