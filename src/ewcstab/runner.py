@@ -44,19 +44,21 @@ from ewcstab.telemetry import BlowupRule
 
 log = logging.getLogger(__name__)
 
-#: Runs stacked together per CPU thread when the caller does not say (more are trained batch after batch):
-#: torch splits a batched product over threads by run, so R should be a multiple of the threads, and per
-#: thread R = 4 is about as fast as any R on the 2-core development machine (docs/performance.md).
-CPU_RUNS_PER_THREAD = 4
+#: Runs stacked together per CPU thread when the caller does not say (more are trained batch after batch),
+#: per architecture: torch splits a batched product over threads by run, so R should be a multiple of the
+#: threads; per thread, R = 4 is as fast as one at a time for the MLP and 1.2x faster for the attention model,
+#: while the CNN's stacked runs become a grouped convolution that oneDNN runs slower than R separate ones
+#: (docs/performance.md).
+CPU_RUNS_PER_THREAD = {"mlp": 4, "cnn": 1, "attention": 4}
 
 #: ``after_task(t, accuracies on tasks 1..t)`` of a single run; raise ``StopRun`` to stop it there.
 AfterTask = Callable[[int, list[float]], None]
 
 
-def default_runs_per_batch(device: torch.device) -> int | None:
+def default_runs_per_batch(device: torch.device, arch: str) -> int | None:
     """Runs per batch when not given: ``CPU_RUNS_PER_THREAD`` per torch thread on a CPU, all of them on an
     accelerator."""
-    return CPU_RUNS_PER_THREAD * torch.get_num_threads() if device.type == "cpu" else None
+    return CPU_RUNS_PER_THREAD.get(arch, 1) * torch.get_num_threads() if device.type == "cpu" else None
 
 
 def train_runs(
@@ -67,7 +69,7 @@ def train_runs(
     """``engine.train_stack`` over batches of at most ``runs_per_batch`` runs, as equal in size as possible
     (it changes the speed, never the results); returns the outcomes in order and the engine description of
     the first batch. ``options``: progress, trace, blowup, cuda_graphs."""
-    most = runs_per_batch or default_runs_per_batch(device) or len(cfgs)
+    most = runs_per_batch or default_runs_per_batch(device, cfgs[0].arch) or len(cfgs)
     if most < 1:
         raise ValueError(f"runs_per_batch: {runs_per_batch!r} is not allowed; allowed: an integer >= 1")
     size = math.ceil(len(cfgs) / math.ceil(len(cfgs) / most))  # 10 runs, at most 8: two batches of 5
