@@ -300,7 +300,7 @@ def test_report_shows_every_figure_table_and_page(tiny_workflow):
     assert "Sections 2-3: continual learning" in html and "Configuration and provenance" in html
     assert '<script src="http' not in html  # nothing fetched when opened
     summary = json.loads((tiny_workflow / "results/tables/provenance.json").read_text())
-    assert summary["n_records"] == (4 + 1) * 2 * 2 + 4 and summary["inconsistent_fields"] == []
+    assert summary["n_records"] == (4 + 1) * 2 * 2 + 2 * 2 * 2 + 4 and summary["inconsistent_fields"] == []
 
 
 def test_throughput_figure_has_a_panel_per_arch_a_bar_per_row_and_the_floors(tmp_path):

@@ -60,6 +60,7 @@ ONE_STUDY = """\
 continual:
   methods: [mas]
   variants: [stabilized]
+  optimizer_states: [fresh]
   search:
     n_trials: 1
     trials_per_batch: 1

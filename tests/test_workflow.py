@@ -54,6 +54,10 @@ def test_outputs_exist_parse_and_have_expected_rows(finished):
     # (4 studies x 2 final seeds + 2 baseline seeds) runs x 2 optimizer states x 2 tasks
     assert len(runs) == (4 * 2 + 2) * 2 * 2
     assert set(runs.role) == {"final", "baseline"} and set(runs.optimizer_state) == {"carried", "fresh"}
+    sweep = pd.read_csv(finished / "results/tables/sweep_runs.csv")
+    # 2 lambdas x 2 seeds x 2 optimizer states x 2 tasks
+    assert len(sweep) == 16 and set(sweep.role) == {"sweep"} and sorted(set(sweep.lam)) == [1.0, 10.0]
+    assert (finished / "results/figures/mlp/lambda_sweep.png").stat().st_size > 10_000
     states = pd.read_csv(finished / "results/tables/optimizer_states.csv")
     assert sorted(states.method) == ["lambda = 0", "mas", "mas", "si", "si"]  # 4 studies and the baseline
     assert (states.n_carried == 2).all() and (states.n_fresh == 2).all() and states.p.between(0, 1).all()
