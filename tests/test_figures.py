@@ -285,7 +285,7 @@ def test_report_shows_every_figure_table_and_page(tiny_workflow):
     pngs = sorted((tiny_workflow / "results/figures").rglob("*.png"))
     assert sorted(str(p.relative_to(tiny_workflow / "results/figures")) for p in pngs) == [
         "explosion/accuracy_vs_lambda.png", "explosion/grad_norm_traces.png",
-        "mlp/lambda_search.png", "mlp/search_trials.png", "mlp/task_curves.png",
+        "mlp/lambda_search.png", "mlp/lambda_sweep.png", "mlp/search_trials.png", "mlp/task_curves.png",
         "pruning/global.png", "pruning/per_layer.png",
     ]
     for png in pngs:
@@ -293,8 +293,8 @@ def test_report_shows_every_figure_table_and_page(tiny_workflow):
         assert f'"{png.relative_to(tiny_workflow)}"' in html
         assert base64.b64encode(png.read_bytes()).decode() in html, f"{png.name} is not embedded"
     # Table 1, Table 2 (pruning thresholds), Table 3 (explosion summary) and the other pages
-    for page in ("table1_continual", "pruning_thresholds", "explosion/explosion_summary", "continual_runs",
-                 "provenance", "configuration"):
+    for page in ("table1_continual", "optimizer_states", "sweep_runs", "pruning_thresholds",
+                 "explosion/explosion_summary", "continual_runs", "provenance", "configuration"):
         assert f'"results/report/{page}.html"' in html
     assert "Reproduction of Kutalev" in html  # workflow/report/workflow.rst
     assert "Sections 2-3: continual learning" in html and "Configuration and provenance" in html

@@ -42,7 +42,7 @@ class StackedOptimizer:
         self.name, self.lr, self.runs, self.n_params = name, lr, params[0].shape[0], len(params)
         device = params[0].device
         self.capturable = device.type == "cuda"
-        self.fused = _fused_adam_available(device)
+        self.fused = fused_kernel_runs(device.type)
         if name == "adam":
             self.exp_avg = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
             self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
@@ -90,12 +90,8 @@ class StackedOptimizer:
         self.runs = int(keep.numel())
 
 
-def _fused_adam_available(device: torch.device) -> bool:
-    return _fused_adam_runs(device.type)
-
-
 @functools.lru_cache(maxsize=None)
-def _fused_adam_runs(device_type: str) -> bool:
+def fused_kernel_runs(device_type: str) -> bool:
     """Whether torch's fused Adam kernel runs on this device (CPU and CUDA in current builds)."""
     device = torch.device(device_type)
     try:

@@ -102,7 +102,7 @@ def get_run_settings(wildcards):
 
 
 def get_device(kind):
-    """The device of a rule kind's jobs: config `device`, but `cuda` where that kind asks for a GPU
+    """The device of one kind of job: config `device`, but `cuda` where that kind asks for a GPU
     (`resources.<kind>.gpu` > 0) and the device is `auto`: such a job then fails with one line where
     CUDA is missing instead of training on the CPU."""
     device = config["device"]
@@ -360,8 +360,10 @@ def get_configfiles():
 
 
 def get_report_tables():
-    """Tables rendered as HTML pages for the report; pruning's only with a `pruning` section."""
+    """Tables rendered as HTML pages for the report: each only where the configuration builds it."""
     tables = ["table1_continual", "continual_runs", "provenance"]
+    tables += ["optimizer_states"] if set(get_states()) == {"carried", "fresh"} else []
+    tables += ["sweep_runs"] if get_sweeps() else []
     return tables + (["pruning_thresholds"] if pruning_enabled() else [])
 
 

@@ -96,6 +96,18 @@ TABLES = {
         "task, the mean test accuracy over the tasks learned so far.",
         None,
     ),
+    "optimizer_states": (
+        "Carried against fresh optimizer state",
+        "Per study and for λ = 0: the mean accuracy after the last task of runs that start from the Adam state of "
+        "the run before them (carried, as the authors' scripts ran) and of runs with a fresh optimizer, the "
+        "difference, Welch's t, and the accuracy after task 1 in each state.",
+        None,
+    ),
+    "sweep_runs": (
+        "Accuracy against λ in each optimizer state",
+        "Every run of the λ sweeps, after every task: the table the accuracy-versus-λ figure is drawn from.",
+        None,
+    ),
     "provenance": (
         "Provenance of the results",
         "What produced the run records behind this report: package versions, git commit (and whether the tree had "
