@@ -223,6 +223,12 @@ def get_sweeps():
     return sweeps
 
 
+def sweep_groups(sweep):
+    """The sweep's lambdas in consecutive groups of `lambdas_per_job` (default 1), one job each."""
+    lams, size = sweep["lambdas"], sweep.get("lambdas_per_job", 1)
+    return [lams[i : i + size] for i in range(0, len(lams), size)]
+
+
 def get_sweep_records(wildcards=None):
     """Every run of every sweep, in every optimizer state."""
     return [
