@@ -200,6 +200,26 @@ def test_search_trials_one_panel_per_study_with_colourbar(tmp_path):
     png_ok(fig, tmp_path, "search_trials")
 
 
+def test_state_comparison_has_a_row_per_setting_both_states_and_the_paper(tmp_path):
+    """One row per EWC setting (lambda = 0 left out), a filled carried and an open fresh point with their CIs,
+    and the paper's star where the paper has the setting."""
+    rows = [{"arch": "mlp", "method": m, "variant": v, "lam": 1.0 + i, "acc_carried": 0.95, "ci95_carried": 0.002,
+             "acc_fresh": 0.945, "ci95_fresh": 0.003} for i, (m, v) in enumerate((m, v) for m in METHODS for v in VARIANTS)]
+    rows.append({"arch": "mlp", "method": "lambda = 0", "variant": np.nan, "lam": 0.0, "acc_carried": 0.47,
+                 "ci95_carried": 0.01, "acc_fresh": 0.47, "ci95_fresh": 0.01})
+    paper = synthetic_table1().rename(columns={"paper_mean_acc_last": "mean_acc_last", "paper_ci95_last": "ci95_last"})
+    fig = figures.plot_state_comparison(pd.DataFrame(rows), paper, "mlp")
+    (ax,) = panels(fig)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == len(METHODS) * len(VARIANTS) and not any("lambda = 0" in t for t in labels)
+    assert labels[0].startswith("Fisher (EWC), original")
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert len(stars) == len(labels) - 1  # the last setting is not in the paper
+    xs = sorted({float(line.get_xdata()[0]) for line in ax.lines if line.get_marker() in ("o", "^")})
+    assert xs == pytest.approx([0.945, 0.95])
+    png_ok(fig, tmp_path, "optimizer_states")
+
+
 @pytest.mark.parametrize("scope", ["global", "per_layer"])
 def test_pruning_curves_per_scope_with_paper(tmp_path, scope):
     curves = synthetic_pruning()
@@ -285,7 +305,8 @@ def test_report_shows_every_figure_table_and_page(tiny_workflow):
     pngs = sorted((tiny_workflow / "results/figures").rglob("*.png"))
     assert sorted(str(p.relative_to(tiny_workflow / "results/figures")) for p in pngs) == [
         "explosion/accuracy_vs_lambda.png", "explosion/grad_norm_traces.png",
-        "mlp/lambda_search.png", "mlp/lambda_sweep.png", "mlp/search_trials.png", "mlp/task_curves.png",
+        "mlp/lambda_search.png", "mlp/lambda_sweep.png", "mlp/optimizer_states.png", "mlp/search_trials.png",
+        "mlp/task_curves.png",
         "pruning/global.png", "pruning/per_layer.png",
     ]
     for png in pngs:

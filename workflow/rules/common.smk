@@ -309,6 +309,10 @@ TASK_CURVES_FIG = {
     "png": "results/figures/{arch}/task_curves.png",
     "pdf": "results/figures/{arch}/task_curves.pdf",
 }
+STATES_FIG = {
+    "png": "results/figures/{arch}/optimizer_states.png",
+    "pdf": "results/figures/{arch}/optimizer_states.pdf",
+}
 LAMBDA_SWEEP_FIG = {
     "png": "results/figures/{arch}/lambda_sweep.png",
     "pdf": "results/figures/{arch}/lambda_sweep.pdf",
@@ -382,6 +386,7 @@ def get_report_targets():
         figs = [TASK_CURVES_FIG]
         figs += [LAMBDA_SEARCH_FIG, SEARCH_TRIALS_FIG] if arch in searched else []
         figs += [LAMBDA_SWEEP_FIG] if arch in swept else []
+        figs += [STATES_FIG] if set(get_states()) == {"carried", "fresh"} else []
         for fig in figs:
             targets += [f.format(arch=arch) for f in fig.values()]
     if pruning_enabled():

@@ -143,3 +143,31 @@ rule plot_lambda_sweep:
         runtime=get_resources("aggregate").get("runtime", 10),
     script:
         "../scripts/plot_lambda_sweep.py"
+
+
+rule plot_optimizer_states:
+    input:
+        states=STATES_TABLE[0],
+        paper=config["paper_continual"],
+    output:
+        png=report(
+            STATES_FIG["png"],
+            caption="../report/optimizer_states.rst",
+            category="Sections 2-3: continual learning",
+            subcategory="{arch}",
+            labels={"figure": "carried vs fresh optimizer state", "arch": "{arch}"},
+        ),
+        pdf=STATES_FIG["pdf"],
+    log:
+        "logs/figures/{arch}/optimizer_states.log",
+    benchmark:
+        "benchmarks/figures/{arch}/optimizer_states.tsv"
+    localrule: True
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=get_resources("aggregate").get("mem_mb", 2000),
+        runtime=get_resources("aggregate").get("runtime", 10),
+    script:
+        "../scripts/plot_optimizer_states.py"

@@ -13,7 +13,13 @@ Paper sections: 2-3 (continual learning, lambda search) in ``continual``, the gr
 study (Section 2's claim) in ``explosion``, 4 (pruning) in ``pruning``.
 """
 
-from ewcstab.figures.continual import plot_lambda_search, plot_lambda_sweep, plot_search_trials, plot_task_curves
+from ewcstab.figures.continual import (
+    plot_lambda_search,
+    plot_lambda_sweep,
+    plot_search_trials,
+    plot_state_comparison,
+    plot_task_curves,
+)
 from ewcstab.figures.explosion import plot_explosion_accuracy, plot_explosion_traces
 from ewcstab.figures.pruning import plot_pruning_curves
 from ewcstab.figures.style import save_figure, set_style
@@ -30,6 +36,6 @@ from ewcstab.figures.tables import (
 __all__ = [
     "final_at_best", "find_trials", "paper_task_curves", "plot_explosion_accuracy", "plot_explosion_traces",
     "plot_lambda_search", "plot_lambda_sweep", "plot_pruning_curves",
-    "plot_search_trials", "plot_task_curves", "pruning_summary", "read_trials", "results_dir", "save_figure",
+    "plot_search_trials", "plot_state_comparison", "plot_task_curves", "pruning_summary", "read_trials", "results_dir", "save_figure",
     "set_style", "task_curves",
 ]

@@ -403,3 +403,51 @@ def plot_lambda_sweep(sweep: pd.DataFrame, paper: pd.DataFrame | None = None, ar
         ax.legend(handles=handles, loc="lower left", fontsize="x-small")
     fig.suptitle(f"Accuracy against λ on a fixed grid: {_arch_title(arch, _n_tasks(sweep, arch))}")
     return fig
+
+
+def plot_state_comparison(states: pd.DataFrame, paper: pd.DataFrame | None = None,
+                          arch: str | None = None) -> Figure:
+    """Accuracy after the last task per setting, carried against fresh optimizer state, beside the paper.
+
+    ``states``: ``optimizer_states.csv`` (``ewcstab compare-states``: per setting the mean and 95% half-width
+    of each state); one row per setting (λ = 0 left out: it is off the scale of the others and the table holds
+    it), colour = penalty variant, marker = state (``STATE_STYLES``), the paper's mean ± 95% CI as a black
+    star. The gaps between the states (0.005-0.015 at paper scale) are invisible on a task-curve axis that
+    also holds λ = 0; here the axis spans the EWC settings only."""
+    arch = pick_arch(states, arch, "optimizer-state comparisons")
+    rows = states[(states["arch"] == arch) & (states["lam"] > 0)].copy()
+    rows["order"] = [(style.METHODS.index(m) if m in style.METHODS else 99,
+                      style.VARIANTS.index(v) if v in style.VARIANTS else 99)
+                     for m, v in zip(rows["method"], rows["variant"])]
+    rows = rows.sort_values("order").reset_index(drop=True)
+    fig, axes = style.new_figure(1, 1, panel=(6.4, 0.55 * len(rows) + 1.2))
+    ax = axes[0][0]
+    offsets = {"paper": -0.25, "carried": 0.0, "fresh": 0.25}
+    for i, r in rows.iterrows():
+        c = style.color_of(r["variant"], style.VARIANT_COLORS)
+        for state in ("carried", "fresh"):
+            _, marker = STATE_STYLES[state]
+            if _finite(r[f"acc_{state}"]):
+                ax.errorbar(r[f"acc_{state}"], i + offsets[state], xerr=r[f"ci95_{state}"], fmt=marker, ms=6,
+                            color=c, mfc=c if state == "carried" else "white", mec=c, capsize=3)
+        if paper is not None:
+            p = paper[(paper["arch"] == arch) & (paper["method"] == r["method"]) & (paper["variant"] == r["variant"])]
+            for _, q in p.iterrows():
+                if _finite(q["mean_acc_last"]):
+                    ax.errorbar(q["mean_acc_last"], i + offsets["paper"], xerr=q["ci95_last"], fmt="*", ms=9,
+                                color="black", capsize=3)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{style.METHOD_NAMES.get(m, m)}, {v}, λ {lam:g}"
+                        for m, v, lam in zip(rows["method"], rows["variant"], rows["lam"])])
+    ax.invert_yaxis()
+    style.percent_axis(ax.xaxis)
+    ax.set_xlabel("mean test accuracy on all tasks after the last (± 95% CI)")
+    handles = [Line2D([], [], ls="", marker=STATE_STYLES[s][1], color="#444444",
+                      mfc="#444444" if s == "carried" else "white", label=f"ours: {STATE_NAMES[s]}")
+               for s in ("carried", "fresh")]
+    handles.append(Line2D([], [], ls="", marker="*", ms=9, color="black", label="paper (20 runs)"))
+    handles += [Line2D([], [], color=style.color_of(v, style.VARIANT_COLORS), lw=3, label=v)
+                for v in style.ordered(set(rows["variant"]), style.VARIANTS)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize="small", frameon=False)
+    fig.suptitle(f"Optimizer state and the paper: {_arch_title(arch, None)}")
+    return fig
