@@ -57,6 +57,11 @@ def get_states():
     return config["continual"].get("optimizer_states", ["fresh"])
 
 
+def compares_states():
+    """Whether runs are trained in both optimizer states (then the comparison table and figure are built)."""
+    return set(get_states()) == {"carried", "fresh"}
+
+
 def get_search_state():
     """The optimizer state of the search's runs: the first of `continual.optimizer_states`."""
     return get_states()[0]
@@ -289,7 +294,7 @@ def get_trials_files(wildcards=None):
 def get_all_targets():
     """Everything `snakemake` builds by default."""
     targets = [*TABLE1, RUNS_TABLE, *get_trials_files()]
-    targets += [*STATES_TABLE] if set(get_states()) == {"carried", "fresh"} else []
+    targets += [*STATES_TABLE] if compares_states() else []
     return targets + ([SWEEP_TABLE] if get_sweeps() else [])
 
 
@@ -372,7 +377,7 @@ def get_configfiles():
 def get_report_tables():
     """Tables rendered as HTML pages for the report: each only where the configuration builds it."""
     tables = ["table1_continual", "continual_runs", "provenance"]
-    tables += ["optimizer_states"] if set(get_states()) == {"carried", "fresh"} else []
+    tables += ["optimizer_states"] if compares_states() else []
     tables += ["sweep_runs"] if get_sweeps() else []
     return tables + (["pruning_thresholds"] if pruning_enabled() else [])
 
@@ -386,7 +391,7 @@ def get_report_targets():
         figs = [TASK_CURVES_FIG]
         figs += [LAMBDA_SEARCH_FIG, SEARCH_TRIALS_FIG] if arch in searched else []
         figs += [LAMBDA_SWEEP_FIG] if arch in swept else []
-        figs += [STATES_FIG] if set(get_states()) == {"carried", "fresh"} else []
+        figs += [STATES_FIG] if compares_states() else []
         for fig in figs:
             targets += [f.format(arch=arch) for f in fig.values()]
     if pruning_enabled():

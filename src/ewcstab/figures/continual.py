@@ -56,6 +56,13 @@ def state_styles(states) -> dict[str, tuple[str, str]]:
     return STATE_STYLES if len(states) > 1 else {s: ("-", "o") for s in states}
 
 
+def setting_order(method: str, variant: str) -> tuple[int, int]:
+    """Sort key of a (method, variant) setting: the order of ``style.METHODS`` then ``style.VARIANTS``,
+    unknown names last."""
+    return (style.METHODS.index(method) if method in style.METHODS else len(style.METHODS),
+            style.VARIANTS.index(variant) if variant in style.VARIANTS else len(style.VARIANTS))
+
+
 def pick_arch(df: pd.DataFrame, arch: str | None, what: str) -> str:
     """``arch`` if the data hold it; without one, the data's only arch."""
     archs = sorted(df["arch"].dropna().unique())
@@ -365,8 +372,7 @@ def plot_lambda_sweep(sweep: pd.DataFrame, paper: pd.DataFrame | None = None, ar
     arch = pick_arch(sweep, arch, "sweep runs")
     points = final_at_best(sweep[sweep["arch"] == arch], role="sweep", by=("lam",))
     studies = list(points.groupby(["method", "variant"], sort=False).groups)
-    studies.sort(key=lambda k: (style.METHODS.index(k[0]) if k[0] in style.METHODS else 99,
-                                style.VARIANTS.index(k[1]) if k[1] in style.VARIANTS else 99))
+    studies.sort(key=lambda k: setting_order(*k))
     styles = state_styles(points[STATE])
     fig, axes = style.new_panels(len(studies), panel=(4.6, 3.4), sharey=True)
     for ax, (method, variant) in zip(axes, studies):
@@ -416,10 +422,8 @@ def plot_state_comparison(states: pd.DataFrame, paper: pd.DataFrame | None = Non
     also holds λ = 0; here the axis spans the EWC settings only."""
     arch = pick_arch(states, arch, "optimizer-state comparisons")
     rows = states[(states["arch"] == arch) & (states["lam"] > 0)].copy()
-    rows["order"] = [(style.METHODS.index(m) if m in style.METHODS else 99,
-                      style.VARIANTS.index(v) if v in style.VARIANTS else 99)
-                     for m, v in zip(rows["method"], rows["variant"])]
-    rows = rows.sort_values("order").reset_index(drop=True)
+    order = sorted(range(len(rows)), key=lambda i: setting_order(rows["method"].iloc[i], rows["variant"].iloc[i]))
+    rows = rows.iloc[order].reset_index(drop=True)
     fig, axes = style.new_figure(1, 1, panel=(6.4, 0.55 * len(rows) + 1.2))
     ax = axes[0][0]
     offsets = {"paper": -0.25, "carried": 0.0, "fresh": 0.25}
